@@ -1,0 +1,424 @@
+"""Checkpoint I/O: safetensors (single file or sharded), key-name compatibility, hub resolution.
+
+Loading builds the model on the meta device (no random init, no second copy) and assigns tensors that are
+zero-copy views of a copy-on-write mmap of each file, so only the pages actually used are read and RSS stays
+at about one checkpoint's size even when converting dtypes tensor by tensor. Only safetensors are read:
+no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .config import CONFIG_NAME, Idefics2Config
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+class CheckpointError(OSError):
+    """A checkpoint file is missing, truncated, corrupt, or does not fit the model."""
+
+
+# ---- locating a checkpoint -----------------------------------------------------------------------------------
+def resolve_checkpoint_dir(
+    path_or_id: str | os.PathLike, allow_patterns: list[str] | None = None, **hub_kwargs: Any
+) -> str:
+    """A local directory as is; otherwise a hub id fetched (or found in the cache) through huggingface_hub."""
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that contains {CONFIG_NAME}")
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith((".", "/"))
+    if not looks_like_hub_id:
+        raise CheckpointError(f"Checkpoint directory {path!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            path, allow_patterns=allow_patterns or ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"],
+            **hub_kwargs,
+        )
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise CheckpointError(
+            f"Could not get model {path!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"If the hub is not reachable, download it elsewhere (e.g. `hf download {path} --local-dir DIR`) "
+            f"and pass that local directory instead: from_pretrained('DIR')."
+        ) from e
+
+
+def weight_files(directory: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (index order for sharded checkpoints)."""
+    index_path = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: {e}") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise CheckpointError(f"{index_path} lists shards that are missing from {directory}: {missing}")
+        return [os.path.join(directory, f) for f in files]
+    single = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    hint = f" It has {others}: pickle files are never loaded; convert them to safetensors." if others else ""
+    raise CheckpointError(f"No {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}.{hint}")
+
+
+# ---- reading safetensors -------------------------------------------------------------------------------------
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file as zero-copy views of a private (copy-on-write) mmap.
+
+    Every header entry is validated against the file size, so a truncated or corrupt file is reported by
+    path instead of failing later inside torch.
+    """
+    size = os.path.getsize(path)
+    if size < 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise CheckpointError(f"{path} is truncated or corrupt: header length {header_len}, file size {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+        data_start = 8 + header_len
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else b""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt: bad header entry for {name!r}: {info!r}") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0 or data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: tensor {name!r} needs bytes [{begin}, {end}) of the data "
+                f"section ({nbytes} for shape {shape} {info['dtype']}) but the file has {size - data_start}"
+            )
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        offset = data_start + begin
+        tensor = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+        if offset % tensor.new_empty(0, dtype=dtype).element_size():
+            tensor = tensor.clone()  # misaligned data: one copy, then reinterpret
+        tensors[name] = tensor.view(dtype).reshape(shape)
+    return tensors
+
+
+def iter_checkpoint_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    for path in weight_files(directory):
+        for name, tensor in read_safetensors(path).items():
+            yield name, tensor, path
+
+
+# ---- key names across versions -------------------------------------------------------------------------------
+# Prefix renames, applied in order, to the names used by this package (== transformers 4.40 .. 5.24).
+_KEY_RENAMES = [
+    # Original M4 remote-code checkpoints (before conversion to the transformers format).
+    (r"^model\.layers\.", "model.text_model.layers."),
+    (r"^model\.norm\.", "model.text_model.norm."),
+    (r"^model\.perceiver_resampler\.", "model.connector.perceiver_resampler."),
+    (r"^model\.modality_projection\.", "model.connector.modality_projection."),
+    (r"^model\.embed_tokens\.", "model.text_model.embed_tokens."),
+    (r"^lm_head\.linear\.", "lm_head."),
+    # Newer transformers layouts name the text decoder `language_model`.
+    (r"^model\.language_model\.", "model.text_model."),
+]
+# Extra rows for added tokens that the M4 checkpoints stored apart (concatenated after the base rows).
+_SPLIT_EMBEDDINGS = {
+    "model.text_model.embed_tokens.additional_embedding.weight": "model.text_model.embed_tokens.weight",
+    "additional_fc.weight": "lm_head.weight",
+    "lm_head.additional_fc.weight": "lm_head.weight",
+}
+
+
+def normalize_key(name: str, full_model: bool) -> str | None:
+    """Map a checkpoint key to this package's name for the full model (`model.` prefix); None = ignore."""
+    if name.endswith((".inv_freq", ".original_inv_freq")):
+        return None  # recomputed buffers written by old versions
+    if not (name.startswith("model.") or name.startswith("lm_head.") or name.startswith("additional_fc.")):
+        name = "model." + name  # an Idefics2Model state dict (no base prefix)
+    for pattern, repl in _KEY_RENAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def collect_state_dict(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint under this package's full-model key names, and the file of each."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    extra_rows: dict[str, torch.Tensor] = {}
+    for raw_name, tensor, path in iter_checkpoint_tensors(directory):
+        name = normalize_key(raw_name, True)
+        if name is None:
+            continue
+        if name in _SPLIT_EMBEDDINGS:
+            extra_rows[_SPLIT_EMBEDDINGS[name]] = tensor
+            continue
+        if name in state:
+            raise CheckpointError(f"{path}: tensor {raw_name!r} maps to {name!r}, which {origin[name]} also has")
+        state[name] = tensor
+        origin[name] = path
+    for name, rows in extra_rows.items():
+        if name in state:
+            state[name] = torch.cat([state[name], rows.to(state[name].dtype)])
+    return state, origin
+
+
+# ---- load ----------------------------------------------------------------------------------------------------
+def parse_dtype(dtype: Any, config: Idefics2Config, state: dict[str, torch.Tensor]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        stored = config.extra.get("dtype")
+        if isinstance(stored, str) and stored in _DTYPE_NAMES:
+            return _DTYPE_NAMES[stored]
+        floating = [t.dtype for t in state.values() if t.is_floating_point()]
+        return floating[0] if floating else torch.float32
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'")
+
+
+def parse_device(device: Any, device_map: Any) -> torch.device:
+    if device is not None and device_map is not None:
+        raise ValueError("Pass either device or device_map, not both")
+    target = device if device is not None else device_map
+    if target is None:
+        return torch.device("cpu")
+    if isinstance(target, dict):
+        devices = set(target.values())
+        if len(devices) == 1:
+            target = devices.pop()
+        else:
+            raise NotImplementedError(
+                f"device_map with several devices ({sorted(map(str, devices))}) is not supported yet; "
+                "pass a single device such as 'cpu' or 'cuda'"
+            )
+    if target == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(target, int):
+        return torch.device("cuda", target)
+    try:
+        result = torch.device(target)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={target!r} is not a valid device") from e
+    if result.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={target!r} asks for CUDA but no CUDA device is available")
+    return result
+
+
+def _describe(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_pretrained(
+    cls,
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    config: Idefics2Config | None = None,
+    dtype: Any = None,
+    torch_dtype: Any = None,
+    device: Any = None,
+    device_map: Any = None,
+    attn_implementation: str | None = None,
+    quantization_config: Any = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    low_cpu_mem_usage: bool | None = None,
+    use_safetensors: bool | None = None,
+    trust_remote_code: bool | None = None,
+):
+    """Build `cls` from a checkpoint directory or hub id without random init and without a second copy.
+
+    `dtype` (alias `torch_dtype`): "auto"/None keeps the checkpoint's dtype; or a torch dtype / its name.
+    `device` or `device_map`: "cpu", "cuda", "cuda:1", "auto", or a dict mapping everything to one device.
+    `attn_implementation`: "sdpa" (default), "eager" or "flash_attention_2".
+    `low_cpu_mem_usage`, `use_safetensors` and `trust_remote_code` are accepted for drop-in compatibility:
+    loading is always low-memory and safetensors-only, and no remote code is ever run.
+    """
+    from .modeling import check_attn_implementation
+
+    if quantization_config is not None:
+        raise NotImplementedError(
+            f"quantization_config ({type(quantization_config).__name__}) is not supported yet; load the model "
+            "in bfloat16 (dtype=torch.bfloat16) instead"
+        )
+    if use_safetensors is False:
+        raise ValueError("use_safetensors=False is not supported: only safetensors checkpoints are loaded")
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
+    dtype = dtype if dtype is not None else torch_dtype
+    if attn_implementation is not None:
+        check_attn_implementation(attn_implementation)
+    target_device = parse_device(device, device_map)
+
+    hub_kwargs = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir, token=token).items() if v}
+    if local_files_only:
+        hub_kwargs["local_files_only"] = True
+    directory = resolve_checkpoint_dir(pretrained_model_name_or_path, **hub_kwargs)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if config is None:
+        if not os.path.isfile(config_path):
+            raise CheckpointError(
+                f"{config_path} not found: {directory} is not an Idefics2 checkpoint directory "
+                f"(expected {CONFIG_NAME} and {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
+            )
+        config = Idefics2Config.from_json_file(config_path)
+    if attn_implementation is not None:
+        config.attn_implementation = attn_implementation
+
+    state, origin = collect_state_dict(directory)
+    target_dtype = parse_dtype(dtype, config, state)
+
+    with torch.device("meta"):
+        model = cls(config)
+    prefix = cls.checkpoint_prefix
+    expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
+    if prefix:  # loading the base model: drop the head, strip the prefix
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{n} (checkpoint {tuple(state[n].shape)} vs model {tuple(expected[n].shape)} in {origin.get(prefix + n)})"
+        for n in sorted(set(state) & set(expected))
+        if tuple(state[n].shape) != tuple(expected[n].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_describe(unexpected)}")
+    if mismatched:
+        problems.append(f"tensors with the wrong shape: {_describe(mismatched)}")
+    if problems:
+        raise CheckpointError(f"The checkpoint in {directory} does not fit its config: " + "; ".join(problems))
+
+    loaded = {}
+    for name, param in expected.items():
+        tensor = state.pop(name)
+        want = target_dtype if param.is_floating_point() else param.dtype
+        loaded[name] = tensor.to(device=target_device, dtype=want)  # no copy when already right
+        del tensor
+    model.load_state_dict(loaded, assign=True, strict=True)
+    del loaded
+    model.tie_weights()
+    model.reset_buffers(target_device)
+    model.set_attn_implementation(config.attn_implementation)
+    model.config.extra["dtype"] = str(target_dtype).removeprefix("torch.")
+    _attach_generation_config(model, directory)
+    return model.eval()
+
+
+def _attach_generation_config(model, directory: str) -> None:
+    path = os.path.join(directory, "generation_config.json")
+    if hasattr(model, "generation_config") and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            model.generation_config = json.load(f)
+
+
+# ---- save ----------------------------------------------------------------------------------------------------
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5e9 bytes, '2GiB' -> 2*2**30 (the transformers convention)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size={size!r} is not a size like '5GB', '500MB' or a number of bytes")
+    value, unit = float(match.group(1)), match.group(2).upper()
+    powers = {"B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4, "KIB": 1, "MIB": 2, "GIB": 3, "TIB": 4}
+    base = 1024 if "I" in unit else 1000
+    return int(value * base ** powers[unit])
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    safe_serialization: bool = True, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json and model.safetensors, or shards + model.safetensors.index.json above max_shard_size."""
+    if not safe_serialization:
+        raise ValueError("Only safetensors are written (safe_serialization=False is not supported)")
+    directory = os.fspath(save_directory)
+    os.makedirs(directory, exist_ok=True)
+    if state_dict is None:
+        state_dict = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    config = model.config
+    config.extra["dtype"] = str(model.dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None):
+        with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(model.generation_config, f, indent=2)
+            f.write("\n")
+
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append({})
+            shard_bytes = 0
+        # safetensors needs contiguous, unshared CPU tensors.
+        shards[-1][name] = tensor.detach().to("cpu").contiguous()
+        shard_bytes += nbytes
+    for stale in os.listdir(directory):  # leftovers of an earlier save would confuse loaders
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", stale):
+            os.remove(os.path.join(directory, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = filename
+            total += tensor.numel() * tensor.element_size()
+    with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,118 @@
+"""Building blocks shared by the vision tower, the connector and the text decoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str):
+    return _ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as the checkpoints were trained with it: normalise in float32, cast back, then scale."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x)); no biases (connector and Mistral)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, output_size: int, hidden_act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, output_size, bias=False)
+        self.act = activation(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# torch < 2.5 returns NaN for query rows whose keys are all masked (newer versions return zeros) and has no
+# `enable_gqa` in sdpa.
+_TORCH_GE_2_5 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    implementation: str,
+    *,
+    is_causal: bool = False,
+    dropout: float = 0.0,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention with grouped key/value heads.
+
+    query [B, Hq, Q, D], key/value [B, Hkv, K, D] with Hq a multiple of Hkv. `mask` is boolean, True where a
+    query may attend a key, broadcastable to [B, Hq, Q, K]; `is_causal` (only with mask=None) asks for a plain
+    causal mask. Returns the output as [B, Q, Hq, D] and, with `return_weights`, the attention probabilities
+    (computed the eager way, since sdpa cannot return them).
+    """
+    groups = query.shape[1] // key.shape[1]
+    if implementation == "eager" or return_weights:
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale
+        if is_causal and mask is None:
+            q_len, k_len = scores.shape[-2:]
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if dropout:
+            weights = F.dropout(weights, p=dropout, training=True)
+        out = torch.matmul(weights, value)
+        return out.transpose(1, 2), (weights if return_weights else None)
+
+    if implementation == "flash_attention_2":
+        from .flash import flash_attention
+
+        return flash_attention(query, key, value, mask, scale, is_causal=is_causal, dropout=dropout), None
+
+    extra = {}
+    if not _TORCH_GE_2_5:
+        if mask is not None:
+            mask = mask | ~mask.any(-1, keepdim=True)
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+    elif groups > 1:
+        extra["enable_gqa"] = True
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None, scale=scale,
+        **extra,
+    )
+    return out.transpose(1, 2), None
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """[B, K] validity -> a boolean [B, 1, 1, K] attention mask, or None when every key is valid."""
+    valid = valid.bool()
+    if bool(valid.all()):
+        return None
+    return valid[:, None, None, :]

@@ -1,0 +1,197 @@
+"""Mistral text decoder (`model.text_model.*`): RoPE, grouped-query attention, sliding window, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import MistralTextConfig
+from .layers import GatedMLP, RMSNorm, attention
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved ("rotate_half") RoPE; angles in float32, cos/sin cast to the activation dtype."""
+
+    def __init__(self, config: MistralTextConfig) -> None:
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # [B, T, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_mask(
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    past_len: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, bool]:
+    """Boolean mask [B|1, 1, Q, K] for queries at cache positions past_len.. over keys 0..past_len+Q-1.
+
+    Query q sees key k iff k <= q, k > q - sliding_window (exactly `sliding_window` keys including itself),
+    and the key is not padding. Returns (None, is_causal) when no explicit mask is needed, so sdpa can take
+    its fast causal path.
+    """
+    kv_len = past_len + q_len
+    if attention_mask is not None:
+        if attention_mask.shape[-1] < kv_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus the new tokens "
+                f"hold {kv_len}; pass a mask over past and new tokens"
+            )
+        attention_mask = attention_mask[:, :kv_len].bool()
+        if bool(attention_mask.all()):
+            attention_mask = None
+    window_active = sliding_window is not None and kv_len > sliding_window
+    if attention_mask is None and not window_active:
+        if q_len == 1:
+            return None, False
+        if past_len == 0:
+            return None, True
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :]
+    return allowed, False
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int, device: torch.device
+) -> torch.Tensor:
+    """Positions that follow the attention mask (left padding does not shift them), so a padded row gets
+    exactly the positions it would get alone. Pads get 0; they are masked anyway."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + q_len, device=device).unsqueeze(0).expand(batch, -1)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, past_len : past_len + q_len].to(device)
+
+
+class MistralAttention(nn.Module):
+    def __init__(self, config: MistralTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.attn_implementation = "sdpa"
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out, weights = attention(
+            q, k, v, mask, self.scale, self.attn_implementation, is_causal=is_causal,
+            dropout=self.dropout if self.training else 0.0, return_weights=output_attentions,
+        )
+        return self.o_proj(out.reshape(batch, length, -1)), weights
+
+
+class MistralDecoderLayer(nn.Module):
+    def __init__(self, config: MistralTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MistralAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_size, config.hidden_act)
+
+    def forward(self, x, rope, mask, is_causal, cache, output_attentions=False):
+        attn_out, weights = self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, output_attentions)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), weights
+
+
+class MistralModel(nn.Module):
+    def __init__(self, config: MistralTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, capacity, dtype, device)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Returns (last hidden state after the final norm, all hidden states, attention weights)."""
+        batch, q_len, _ = inputs_embeds.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, batch, q_len, past_len, inputs_embeds.device)
+        mask, is_causal = causal_mask(attention_mask, q_len, past_len, self.config.sliding_window,
+                                      inputs_embeds.device)
+        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+
+        hidden = inputs_embeds
+        all_hidden: list[torch.Tensor] = []
+        all_attn: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            if self.gradient_checkpointing and self.training:
+                hidden, weights = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, rope, mask, is_causal, None, output_attentions, use_reentrant=False
+                )
+            else:
+                hidden, weights = layer(hidden, rope, mask, is_causal, cache, output_attentions)
+            if output_attentions:
+                all_attn.append(weights)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        return (
+            hidden,
+            tuple(all_hidden) if output_hidden_states else None,
+            tuple(all_attn) if output_attentions else None,
+        )
