@@ -60,3 +60,44 @@ def reference_model(config_dict: dict, seed: int = 0, dtype=torch.float32):
             if p.dim() == 1 or name.endswith("latents"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model.to(dtype).eval()
+
+
+def make_prompt(generator: torch.Generator, config: dict, n_images: int, text_len: int) -> torch.Tensor:
+    """Random text with `n_images` blocks `<fake> <image>*n_latents <fake>` spread through it."""
+    vocab = config["text_config"]["vocab_size"]
+    image_id, fake_id = config["image_token_id"], config["image_token_id"] - 1
+    n_latents = config["perceiver_config"]["resampler_n_latents"]
+    pieces = [torch.tensor([1])]  # bos
+    for _ in range(n_images):
+        pieces.append(torch.randint(3, vocab - 2, (int(torch.randint(1, 4, (1,), generator=generator)),),
+                                    generator=generator))
+        pieces.append(torch.tensor([fake_id] + [image_id] * n_latents + [fake_id]))
+    pieces.append(torch.randint(3, vocab - 2, (text_len,), generator=generator))
+    return torch.cat(pieces)
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def pad_images(
+    generator: torch.Generator, sizes_per_sample: list[list[tuple[int, int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images of the given (h, w), zero-padded like the processor into (B, N, 3, H, W) + pixel mask."""
+    batch = len(sizes_per_sample)
+    n_max = max(1, max(len(s) for s in sizes_per_sample))
+    all_sizes = [hw for s in sizes_per_sample for hw in s] or [(28, 28)]
+    h_max, w_max = max(h for h, _ in all_sizes), max(w for _, w in all_sizes)
+    pixels = torch.zeros(batch, n_max, 3, h_max, w_max)
+    mask = torch.zeros(batch, n_max, h_max, w_max, dtype=torch.long)
+    for b, sizes in enumerate(sizes_per_sample):
+        for i, (h, w) in enumerate(sizes):
+            pixels[b, i, :, :h, :w] = torch.rand(3, h, w, generator=generator) * 2 - 1
+            mask[b, i, :h, :w] = 1
+    return pixels, mask

@@ -45,7 +45,7 @@ class KVCache:
         """Append key/value [B, Hkv, Q, D] for one layer; return all cached keys/values up to now."""
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
-        if end > self.capacity:
+        if end > self.keys[layer_idx].shape[2]:
             self._grow(layer_idx, end)
         self.keys[layer_idx][:, :, start:end] = key
         self.values[layer_idx][:, :, start:end] = value

@@ -342,7 +342,10 @@ class Idefics2Config:
         from .checkpoint import resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(path, allow_patterns=[CONFIG_NAME])
-        config = cls.from_json_file(os.path.join(directory, CONFIG_NAME))
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: {directory} is not an Idefics2 checkpoint directory")
+        config = cls.from_json_file(config_path)
         for name, value in overrides.items():
             setattr(config, name, value)
         return config
