@@ -92,7 +92,6 @@ def test_left_padded_rows_equal_unpadded_single_rows(pair):
         for i, (row, s) in enumerate(zip(rows, sizes)):
             single = {"input_ids": row[None]}
             if s:
-                p, pm = pad_images(torch.Generator().manual_seed(0), [s])
                 single.update(pixel_values=pixels[i:i + 1, : len(s)], pixel_attention_mask=pixel_mask[i:i + 1, : len(s)])
             alone = ours(**single).logits[0]
             padded = batch.logits[i, ids.shape[1] - len(row):]

@@ -277,7 +277,7 @@ def load_pretrained(
     `low_cpu_mem_usage`, `use_safetensors` and `trust_remote_code` are accepted for drop-in compatibility:
     loading is always low-memory and safetensors-only, and no remote code is ever run.
     """
-    from .modeling import check_attn_implementation
+    from .modeling import check_attn_implementation, empty_weights
 
     if quantization_config is not None:
         raise NotImplementedError(
@@ -311,7 +311,7 @@ def load_pretrained(
     state, origin = collect_state_dict(directory)
     target_dtype = parse_dtype(dtype, config, state)
 
-    with torch.device("meta"):
+    with empty_weights():
         model = cls(config)
     prefix = cls.checkpoint_prefix
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}

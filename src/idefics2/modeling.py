@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +33,27 @@ def check_attn_implementation(name: str) -> None:
             raise ValueError(f"attn_implementation='flash_attention_2' is not available: {reason}")
 
 
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "constant_", "trunc_normal_")
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers.
+
+    Parameters get shapes and dtypes but no storage; a checkpoint then provides every tensor. (Initialising
+    meta tensors is not free: torch routes it through Python decompositions.)
+    """
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 class Idefics2PreTrainedModel(nn.Module):
     """Weight initialisation, attention-backend switch and checkpoint I/O shared by both model classes."""
 
@@ -51,6 +74,8 @@ class Idefics2PreTrainedModel(nn.Module):
 
     def init_weights(self) -> None:
         """Random initialisation (normal(0, initializer_range)), norms at one, latents at one."""
+        if next(self.parameters()).is_meta:
+            return  # built only to receive checkpoint tensors: nothing to initialise
         std = self.config.text_config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -331,7 +356,8 @@ class Idefics2ForConditionalGeneration(Idefics2PreTrainedModel):
         self.config = config
         self.model = Idefics2Model(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        nn.init.normal_(self.lm_head.weight, std=config.text_config.initializer_range)
+        if not self.lm_head.weight.is_meta:
+            nn.init.normal_(self.lm_head.weight, std=config.text_config.initializer_range)
         self.generation_config = None
         self.tie_weights()
 

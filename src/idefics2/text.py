@@ -16,7 +16,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: MistralTextConfig) -> None:
         super().__init__()
         dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        # Computed on the CPU even while the model is built on the meta device: it is not in checkpoints.
+        steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
+        inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
