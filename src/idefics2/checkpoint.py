@@ -355,10 +355,10 @@ def load_pretrained(
 
 
 def _attach_generation_config(model, directory: str) -> None:
-    path = os.path.join(directory, "generation_config.json")
-    if hasattr(model, "generation_config") and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            model.generation_config = json.load(f)
+    from .generation import GenerationConfig
+
+    if hasattr(model, "generation_config"):
+        model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
 # ---- save ----------------------------------------------------------------------------------------------------
@@ -389,10 +389,8 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
     config = model.config
     config.extra["dtype"] = str(model.dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    if getattr(model, "generation_config", None):
-        with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump(model.generation_config, f, indent=2)
-            f.write("\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]

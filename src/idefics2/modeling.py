@@ -377,6 +377,12 @@ class Idefics2ForConditionalGeneration(Idefics2PreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None):
         return self.model.get_image_features(pixel_values, pixel_attention_mask)
 
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any):
+        """Greedy / sampled / beam generation; see `idefics2.generation.generate` for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -50,12 +50,13 @@ def write_random_checkpoint(
     name: str, directory: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> str:
     """Save a randomly initialised model of preset `name` to `directory` in the published layout."""
+    from .generation import GenerationConfig
     from .modeling import Idefics2ForConditionalGeneration
 
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(preset_config(name)).to(dtype)
-    model.generation_config = {
-        "bad_words_ids": [[32000], [32001]], "bos_token_id": 1, "eos_token_id": [2, 32002], "pad_token_id": 0,
-    }
+    model.generation_config = GenerationConfig(  # the published idefics2-8b generation_config.json
+        bad_words_ids=[[32000], [32001]], bos_token_id=1, eos_token_id=[2, 32002], pad_token_id=0
+    )
     model.save_pretrained(directory)
     return os.fspath(directory)
