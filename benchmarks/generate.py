@@ -1,0 +1,115 @@
+"""Prefill latency and decode speed: idefics2 vs transformers generate, measured in one run.
+
+    python benchmarks/generate.py [--preset medium] [--dtypes float32,bfloat16] [--batches 1,8] [--new-tokens 64]
+
+Workload: one 378x378 image + 40 text tokens per row, greedy, `--new-tokens` new tokens (eos disabled so
+every run decodes the same number of steps). Decode tokens/s = rows x new tokens / (generate time - prefill
+time). The roofline is the weight bytes streamed per decode step (text decoder + lm_head) divided by this
+machine's measured streaming bandwidth: at batch 1, decoding cannot go faster than that.
+Both models are loaded from the same random checkpoint in this process; outputs are checked equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def streaming_bandwidth() -> float:
+    """Bytes/s for reading a buffer far larger than the caches (best of 5)."""
+    x = torch.ones(256 * 2**20 // 4)  # 256 MiB
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def make_inputs(config: dict, batch: int, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    image_id, n_latents = config["image_token_id"], config["perceiver_config"]["resampler_n_latents"]
+    rows = [[1, image_id - 1] + [image_id] * n_latents + [image_id - 1]
+            + torch.randint(3, 30000, (40,), generator=g).tolist() for _ in range(batch)]
+    return dict(
+        input_ids=torch.tensor(rows),
+        attention_mask=torch.ones(batch, len(rows[0]), dtype=torch.long),
+        pixel_values=(torch.rand(batch, 1, 3, 378, 378, generator=g) * 2 - 1).to(dtype),
+        pixel_attention_mask=torch.ones(batch, 1, 378, 378, dtype=torch.long),
+    )
+
+
+def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def decode_weight_bytes(model) -> int:
+    text = model.model.text_model
+    layers = sum(p.numel() * p.element_size() for p in text.layers.parameters())
+    return layers + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint")
+    args = parser.parse_args()
+
+    import json
+
+    from transformers import Idefics2ForConditionalGeneration as RefModel
+
+    from idefics2 import Idefics2ForConditionalGeneration
+    from idefics2.presets import write_random_checkpoint
+
+    bandwidth = streaming_bandwidth()
+    print(f"threads: {torch.get_num_threads()}, measured streaming bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or write_random_checkpoint(args.preset, os.path.join(tmp, "ckpt"))
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, bad_words_ids=[[32000], [32001]])
+        header = f"{'dtype':9}{'batch':>6}{'':>3}{'prefill ms':>12}{'decode tok/s':>14}{'roofline':>10}"
+        print(header)
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            ours = Idefics2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            ref = RefModel.from_pretrained(path, dtype=dtype).eval()
+            roofline_tps = bandwidth / decode_weight_bytes(ours)
+            for batch in (int(b) for b in args.batches.split(",")):
+                inputs = make_inputs(config, batch, dtype)
+                results = {}
+                for name, model in (("transformers", ref), ("idefics2", ours)):
+                    def run(n, model=model):
+                        with torch.inference_mode():
+                            return model.generate(**inputs, max_new_tokens=n, **gen)
+                    prefill, _ = timed(lambda run=run: run(1), args.repeats)
+                    total, out = timed(lambda run=run: run(args.new_tokens), args.repeats)
+                    tps = batch * (args.new_tokens - 1) / max(total - prefill, 1e-9)
+                    results[name] = (prefill, tps, out)
+                    print(f"{dtype_name:9}{batch:>6}   {name:13}{prefill * 1e3:>8.0f}{tps:>14.1f}"
+                          f"{tps / batch / roofline_tps:>10.2f}")
+                (p_ref, t_ref, o_ref), (p_ours, t_ours, o_ours) = results["transformers"], results["idefics2"]
+                same = "identical" if torch.equal(o_ref, o_ours) else "DIFFERENT"
+                print(f"{'':18}ratio: prefill {p_ref / p_ours:.2f}x, decode {t_ours / t_ref:.2f}x; outputs {same}")
+            del ours, ref
+
+
+if __name__ == "__main__":
+    main()
