@@ -26,6 +26,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * num_layers
+        self.growable = True
 
     @property
     def capacity(self) -> int:
@@ -38,6 +39,10 @@ class KVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 
+    def query_positions(self, q_len: int) -> torch.Tensor | None:
+        """Per-row query positions; None: every row's new tokens follow the shared length."""
+        return None
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -46,6 +51,8 @@ class KVCache:
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
         if end > self.keys[layer_idx].shape[2]:
+            if not self.growable:
+                raise ValueError(f"{end} tokens do not fit this cache slot ({self.keys[layer_idx].shape[2]})")
             self._grow(layer_idx, end)
         self.keys[layer_idx][:, :, start:end] = key
         self.values[layer_idx][:, :, start:end] = value
@@ -70,3 +77,82 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Forget everything after `length` tokens."""
         self.lengths = [min(n, length) for n in self.lengths]
+
+
+class SlotKVCache:
+    """KV cache for continuous batching: `max_batch` slots, each with its own length.
+
+    Active requests occupy slots 0..active-1, so a decode step works on views (no gather). A request is
+    prefilled straight into its slot through `slot_view` (batch 1); `release` moves the last active slot into
+    the freed one, keeping the active rows contiguous. Keys past a row's length are garbage: the caller's
+    attention mask hides them.
+    """
+
+    def __init__(self, num_layers: int, max_batch: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (max_batch, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.active = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def max_batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths[: self.active].max()) if self.active else 0
+
+    def query_positions(self, q_len: int) -> torch.Tensor:
+        return self.lengths[: self.active, None] + torch.arange(q_len, device=self.lengths.device)
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode step: key/value [active, Hkv, 1, D] written at each row's own length."""
+        n = self.active
+        if key.shape[0] != n or key.shape[2] != 1:
+            raise ValueError(f"slot cache update expects [{n}, heads, 1, dim], got {tuple(key.shape)}")
+        rows = torch.arange(n, device=key.device)
+        positions = self.lengths[:n]
+        if int(positions.max()) >= self.capacity:
+            raise ValueError(f"slot cache is full ({self.capacity} tokens per request)")
+        self.keys[layer_idx][rows, :, positions] = key[:, :, 0]
+        self.values[layer_idx][rows, :, positions] = value[:, :, 0]
+        end = int(positions.max()) + 1
+        if layer_idx == len(self.keys) - 1:
+            self.lengths[:n] += 1
+        return self.keys[layer_idx][:n, :, :end], self.values[layer_idx][:n, :, :end]
+
+    def slot_view(self, slot: int) -> KVCache:
+        """A batch-1 KVCache writing into `slot` (for prefilling a new request there)."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[slot:slot + 1] for k in self.keys]
+        view.values = [v[slot:slot + 1] for v in self.values]
+        view.lengths = [0] * len(self.keys)
+        view.growable = False  # growing would reallocate away from the slot
+        return view
+
+    def admit(self, prefilled: KVCache) -> int:
+        """Make the slot just prefilled through `slot_view(self.active)` active; returns its index."""
+        slot = self.active
+        self.lengths[slot] = prefilled.get_seq_length()
+        self.active += 1
+        return slot
+
+    def release(self, slot: int) -> int | None:
+        """Free `slot`; the last active row moves into it. Returns the old index of the moved row (or None)."""
+        last = self.active - 1
+        moved = None
+        if slot != last:
+            length = int(self.lengths[last])
+            for k, v in zip(self.keys, self.values):
+                k[slot, :, :length] = k[last, :, :length]
+                v[slot, :, :length] = v[last, :, :length]
+            self.lengths[slot] = length
+            moved = last
+        self.lengths[last] = 0
+        self.active -= 1
+        return moved

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .cache import KVCache
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 
@@ -198,6 +200,13 @@ def process_logits(
     return scores
 
 
+def choose_tokens(scores: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Processed scores [B, V] -> next token per row: argmax, or a draw from softmax when sampling."""
+    if config.do_sample:
+        return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
 # ---- stopping ---------------------------------------------------------------------------------------------------
 class StopStrings:
     """Stops a row once its generated text contains one of the strings (needs the tokenizer to decode)."""
@@ -300,19 +309,26 @@ def _expand_rows(model, input_ids, attention_mask, features, times: int):
     return input_ids.repeat_interleave(times, 0), attention_mask.repeat_interleave(times, 0), features
 
 
-def _prefill(model, input_ids, attention_mask, features, capacity):
-    cache = model.model.text_model.new_cache(input_ids.shape[0], capacity, model.dtype, input_ids.device)
+def new_cache(model, batch: int, capacity: int, device) -> KVCache:
+    return model.model.text_model.new_cache(batch, capacity, model.dtype, device)
+
+
+def prefill(model, input_ids, attention_mask, features, cache) -> torch.Tensor:
+    """Run the prompt (images merged from `features`) into `cache`; float32 logits of the last position."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, image_hidden_states=features,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), cache
-
-
-def _decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
-    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     return out.logits[:, -1].float()
 
 
-def _static_bad_mask(config: GenerationConfig, vocab: int, device) -> torch.Tensor | None:
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per row through the cache; float32 logits [B, V]."""
+    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+def static_bad_words_mask(config: GenerationConfig, vocab: int, device) -> torch.Tensor | None:
     singles = [w[0] for w in (config.bad_words_ids or []) if len(w) == 1]
     if not singles:
         return None
@@ -333,7 +349,7 @@ def _sample(model, input_ids, attention_mask, features, config, streamer, tokeni
     device = input_ids.device
     eos = torch.tensor(config.eos_ids, device=device, dtype=torch.long)
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    bad_static = _static_bad_mask(config, model.config.vocab_size, device)
+    bad_static = static_bad_words_mask(config, model.config.vocab_size, device)
 
     ids = torch.empty(batch, prompt_len + budget, dtype=torch.long, device=device)
     ids[:, :prompt_len] = input_ids
@@ -342,17 +358,14 @@ def _sample(model, input_ids, attention_mask, features, config, streamer, tokeni
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     scores_out: list[torch.Tensor] = []
 
-    logits, cache = _prefill(model, input_ids, attention_mask, features, prompt_len + budget)
+    cache = new_cache(model, batch, prompt_len + budget, device)
+    logits = prefill(model, input_ids, attention_mask, features, cache)
     length = prompt_len
     for step in range(budget):
         scores = process_logits(logits, ids[:, :length], config, step, bad_static)
         if config.output_scores:
             scores_out.append(scores)
-        if config.do_sample:
-            probs = scores.softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            tokens = scores.argmax(dim=-1)
+        tokens = choose_tokens(scores, config, generator)
         tokens = torch.where(unfinished, tokens, config.pad_token_id)
         ids[:, length] = tokens
         length += 1
@@ -364,7 +377,7 @@ def _sample(model, input_ids, attention_mask, features, config, streamer, tokeni
             unfinished &= ~stop(ids[:, prompt_len:length])
         if not bool(unfinished.any()) or step == budget - 1:
             break
-        logits = _decode_step(model, tokens, mask[:, :length], cache)
+        logits = decode_step(model, tokens, mask[:, :length], cache)
     if streamer is not None:
         streamer.end()
     sequences = ids[:, :length]
@@ -383,7 +396,7 @@ def _beam_search(model, input_ids, attention_mask, features, config, streamer, t
     device = input_ids.device
     eos_ids = set(config.eos_ids)
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    bad_static = _static_bad_mask(config, model.config.vocab_size, device)
+    bad_static = static_bad_words_mask(config, model.config.vocab_size, device)
     input_ids, attention_mask, features = _expand_rows(model, input_ids, attention_mask, features, beams)
     rows = batch * beams
 
@@ -405,7 +418,8 @@ def _beam_search(model, input_ids, attention_mask, features, config, streamer, t
 
     length = prompt_len
     if budget:
-        logits, cache = _prefill(model, input_ids, attention_mask, features, prompt_len + budget)
+        cache = new_cache(model, rows, prompt_len + budget, device)
+        logits = prefill(model, input_ids, attention_mask, features, cache)
     for step in range(budget):
         scores = process_logits(logits, ids[:, :length], config, step, bad_static)
         logprobs = torch.log_softmax(scores, dim=-1)
@@ -448,7 +462,7 @@ def _beam_search(model, input_ids, attention_mask, features, config, streamer, t
         if all(done) or step == budget - 1:
             break
         cache.reorder(source)
-        logits = _decode_step(model, next_token.flatten(), mask[:, :length], cache)
+        logits = decode_step(model, next_token.flatten(), mask[:, :length], cache)
     for b in range(batch):
         if not done[b]:
             for k in range(beams):

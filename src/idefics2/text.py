@@ -44,12 +44,14 @@ def causal_mask(
     past_len: int,
     sliding_window: int | None,
     device: torch.device,
+    query_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
-    """Boolean mask [B|1, 1, Q, K] for queries at cache positions past_len.. over keys 0..past_len+Q-1.
+    """Boolean mask [B|1, 1, Q, K] over keys 0..past_len+Q-1 for the new queries.
 
-    Query q sees key k iff k <= q, k > q - sliding_window (exactly `sliding_window` keys including itself),
-    and the key is not padding. Returns (None, is_causal) when no explicit mask is needed, so sdpa can take
-    its fast causal path.
+    A query at cache position q sees key k iff k <= q, k > q - sliding_window (exactly `sliding_window` keys
+    including itself), and the key is not padding. Queries sit at past_len.. unless `query_positions`
+    [B, Q] says otherwise (a slot cache, where rows have different lengths). Returns (None, is_causal)
+    when no explicit mask is needed, so sdpa can take its fast causal path.
     """
     kv_len = past_len + q_len
     if attention_mask is not None:
@@ -59,20 +61,21 @@ def causal_mask(
                 f"hold {kv_len}; pass a mask over past and new tokens"
             )
         attention_mask = attention_mask[:, :kv_len].bool()
-        if bool(attention_mask.all()):
+        if query_positions is None and bool(attention_mask.all()):
             attention_mask = None
     window_active = sliding_window is not None and kv_len > sliding_window
-    if attention_mask is None and not window_active:
+    if attention_mask is None and query_positions is None and not window_active:
         if q_len == 1:
             return None, False
         if past_len == 0:
             return None, True
-    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
+    if query_positions is None:
+        query_positions = torch.arange(past_len, kv_len, device=device)[None, :]
+    q_pos = query_positions[:, None, :, None]  # [B|1, 1, Q, 1]
+    k_pos = torch.arange(kv_len, device=device)
     allowed = k_pos <= q_pos
     if sliding_window is not None:
         allowed = allowed & (k_pos > q_pos - sliding_window)
-    allowed = allowed[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :]
     return allowed, False
@@ -170,9 +173,12 @@ class MistralModel(nn.Module):
         batch, q_len, _ = inputs_embeds.shape
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
+            if cache is not None and cache.query_positions(q_len) is not None:
+                raise ValueError("a slot cache needs explicit position_ids")
             position_ids = default_position_ids(attention_mask, batch, q_len, past_len, inputs_embeds.device)
+        query_positions = cache.query_positions(q_len) if cache is not None else None
         mask, is_causal = causal_mask(attention_mask, q_len, past_len, self.config.sliding_window,
-                                      inputs_embeds.device)
+                                      inputs_embeds.device, query_positions)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
         hidden = inputs_embeds
