@@ -96,7 +96,7 @@ def main() -> None:
                 inputs = make_inputs(config, batch, dtype)
                 results = {}
                 for name, model in (("transformers", ref), ("idefics2", ours)):
-                    def run(n, model=model):
+                    def run(n, model=model, inputs=inputs):
                         with torch.inference_mode():
                             return model.generate(**inputs, max_new_tokens=n, **gen)
                     prefill, _ = timed(lambda run=run: run(1), args.repeats)

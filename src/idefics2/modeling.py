@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, SlotKVCache
 from .config import ATTENTION_IMPLEMENTATIONS, Idefics2Config
 from .connector import Idefics2Connector, Idefics2PerceiverAttention
 from .layers import RMSNorm
@@ -262,7 +262,7 @@ class Idefics2Model(Idefics2PreTrainedModel):
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("Pass either pixel_values or image_hidden_states, not both")
         past_key_values = past_key_values if past_key_values is not None else cache
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+        if past_key_values is not None and not isinstance(past_key_values, (KVCache, SlotKVCache)):
             raise TypeError(
                 f"past_key_values must be the KVCache returned by an earlier call, got {type(past_key_values).__name__}"
             )
