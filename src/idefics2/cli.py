@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -169,6 +168,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return run_batch(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"the server needs FastAPI and uvicorn: pip install 'idefics2[serve]' ({e})") from e
+    from .server import serve
+
+    return serve(args)
+
+
 def cmd_init_random(args: argparse.Namespace) -> int:
     import torch
 
@@ -284,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-tokens", type=int, help="reject prompts longer than this (default: model limit)")
     add_sampling_options(p)
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env IDEFICS2_API_KEY, or none)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued + running requests before 429 (default 64)")
+    p.add_argument("--max-input-tokens", type=int, default=4096, help="prompt limit incl. image tokens (4096)")
+    p.add_argument("--max-images-per-request", type=int, default=8, help="image limit per request (default 8)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixel limit per image (16.7M)")
+    p.add_argument("--allow-local-media", metavar="DIR", help="allow file:// image URLs under DIR")
+    p.add_argument("--allow-remote-media", action="store_true", help="allow http(s):// image URLs")
+    p.add_argument("--served-model-name", help="model name in the API (default: the checkpoint folder name)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     p.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="architecture size (default tiny)")
