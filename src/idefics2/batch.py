@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cli import UserError, generation_kwargs, load_model_and_processor, open_image, user_message
+from .cli import UserError, generation_kwargs, load_from_args, open_image, user_message
 
 
 @dataclass
@@ -155,8 +155,7 @@ def run_batch(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if not todo:
         return 0
-    model, processor = load_model_and_processor(args.model, args.dtype, args.threads,
-                                                False if args.no_image_splitting else None)
+    model, processor = load_from_args(args)
     limit = args.max_input_tokens or (model.config.text_config.max_position_embeddings - args.max_new_tokens)
     base_dir = os.path.dirname(os.path.abspath(args.input))
     gen = generation_kwargs(args)

@@ -268,12 +268,16 @@ def load_pretrained(
     low_cpu_mem_usage: bool | None = None,
     use_safetensors: bool | None = None,
     trust_remote_code: bool | None = None,
+    quantize: str | None = None,
+    quantize_group_size: int = 64,
 ):
     """Build `cls` from a checkpoint directory or hub id without random init and without a second copy.
 
     `dtype` (alias `torch_dtype`): "auto"/None keeps the checkpoint's dtype; or a torch dtype / its name.
     `device` or `device_map`: "cpu", "cuda", "cuda:1", "auto", or a dict mapping everything to one device.
     `attn_implementation`: "sdpa" (default), "eager" or "flash_attention_2".
+    `quantize`: "int8" or "int4" quantizes the text decoder's projections at load (see `idefics2.quantize`);
+    a checkpoint written quantized by `idefics2 quantize` is recognised from its config.
     `low_cpu_mem_usage`, `use_safetensors` and `trust_remote_code` are accepted for drop-in compatibility:
     loading is always low-memory and safetensors-only, and no remote code is ever run.
     """
@@ -311,8 +315,19 @@ def load_pretrained(
     state, origin = collect_state_dict(directory)
     target_dtype = parse_dtype(dtype, config, state)
 
+    stored_quantization = config.extra.get("quantization_config")
+    if stored_quantization is not None and stored_quantization.get("quant_method") != "idefics2":
+        raise NotImplementedError(
+            f"checkpoints quantized with {stored_quantization.get('quant_method')!r} are not supported yet"
+        )
+    if quantize is not None and stored_quantization is not None:
+        raise ValueError(f"{directory} is already quantized ({stored_quantization['method']}); drop quantize=")
     with empty_weights():
         model = cls(config)
+        if stored_quantization is not None:
+            from .quantize import prepare_quantized_skeleton
+
+            prepare_quantized_skeleton(model, stored_quantization)
     prefix = cls.checkpoint_prefix
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
     if prefix:  # loading the base model: drop the head, strip the prefix
@@ -338,9 +353,20 @@ def load_pretrained(
     if problems:
         raise CheckpointError(f"The checkpoint in {directory} does not fit its config: " + "; ".join(problems))
 
+    from .quantize import QuantizedLinear
+
+    keep_dtype = {  # quantized weights and their scales stay exactly as stored
+        f"{module_name}.{buffer_name}"
+        for module_name, module in model.named_modules() if isinstance(module, QuantizedLinear)
+        for buffer_name, _ in module.named_buffers()
+    }
     loaded = {}
     for name, param in expected.items():
         tensor = state.pop(name)
+        if name in keep_dtype:
+            # torch's int8/int4 kernels assume aligned buffers; a file view is only 8-byte aligned.
+            loaded[name] = tensor.to(device=target_device).clone()
+            continue
         want = target_dtype if param.is_floating_point() else param.dtype
         loaded[name] = tensor.to(device=target_device, dtype=want)  # no copy when already right
         del tensor
@@ -350,6 +376,10 @@ def load_pretrained(
     model.reset_buffers(target_device)
     model.set_attn_implementation(config.attn_implementation)
     model.config.extra["dtype"] = str(target_dtype).removeprefix("torch.")
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize, group_size=quantize_group_size)
     _attach_generation_config(model, directory)
     return model.eval()
 

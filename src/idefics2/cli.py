@@ -19,7 +19,7 @@ class UserError(Exception):
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 def load_model_and_processor(model_dir: str, dtype: str = "auto", threads: int | None = None,
-                             image_splitting: bool | None = None):
+                             image_splitting: bool | None = None, quantize: str | None = None):
     import torch
 
     from .modeling import Idefics2ForConditionalGeneration
@@ -31,11 +31,19 @@ def load_model_and_processor(model_dir: str, dtype: str = "auto", threads: int |
         raise UserError(f"model directory {model_dir!r} does not exist")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"{model_dir!r} has no config.json: not an Idefics2 checkpoint directory")
-    model = Idefics2ForConditionalGeneration.from_pretrained(model_dir, dtype=None if dtype == "auto" else dtype)
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        model_dir, dtype=None if dtype == "auto" else dtype, quantize=quantize
+    )
     processor = Idefics2Processor.from_pretrained(model_dir)
     if image_splitting is not None:
         processor.image_processor.do_image_splitting = image_splitting
     return model, processor
+
+
+def load_from_args(args: argparse.Namespace, model_dir: str | None = None):
+    """The model and processor that the common model options (add_model_options) describe."""
+    return load_model_and_processor(model_dir or args.model, args.dtype, args.threads,
+                                    False if args.no_image_splitting else None, args.quantize)
 
 
 def open_image(path: str):
@@ -115,16 +123,14 @@ def run_chat_turn(model, processor, messages: list[dict], images: list, gen: dic
 # ---- commands --------------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
     images = [open_image(p) for p in args.image or []]
-    model, processor = load_model_and_processor(args.model, args.dtype, args.threads,
-                                                False if args.no_image_splitting else None)
+    model, processor = load_from_args(args)
     run_chat_turn(model, processor, [user_message(args.prompt, len(images))], images, generation_kwargs(args),
                   verbose=args.verbose)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model, processor = load_model_and_processor(args.model, args.dtype, args.threads,
-                                                False if args.no_image_splitting else None)
+    model, processor = load_from_args(args)
     messages: list[dict] = []
     images: list = []
     pending: list = []
@@ -177,6 +183,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     return serve(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .modeling import Idefics2ForConditionalGeneration
+
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"{args.model!r} has no config.json: not an Idefics2 checkpoint directory")
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        args.model, quantize=args.method, quantize_group_size=args.group_size
+    )
+    model.save_pretrained(args.output)
+    for name in os.listdir(args.model):  # processor and tokenizer files travel with the weights
+        is_processor_file = name.endswith((".json", ".jinja", ".model")) and not name.startswith(("config.", "model."))
+        if is_processor_file and not os.path.exists(os.path.join(args.output, name)):
+            shutil.copyfile(os.path.join(args.model, name), os.path.join(args.output, name))
+    print(f"wrote {args.method} checkpoint to {args.output}", file=sys.stderr)
+    return 0
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:
@@ -243,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with resources.as_file(resources.files("idefics2") / "assets" / "sample.jpg") as sample:
         image = open_image(args.image or str(sample))
     t0 = time.perf_counter()
-    model, processor = load_model_and_processor(model_dir, args.dtype, args.threads)
+    model, processor = load_from_args(args, model_dir)
     print(f"loaded {model.num_parameters():,} parameters ({model.dtype}) in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
     print(f"user> {args.prompt} [image]", file=sys.stderr)
@@ -260,6 +283,8 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--threads", type=int, help="number of CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-image-splitting", action="store_true",
                    help="do not split images into 4 crops + the original (faster, fewer image tokens)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization of the text decoder at load (faster CPU decoding)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -309,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-media", action="store_true", help="allow http(s):// image URLs")
     p.add_argument("--served-model-name", help="model name in the API (default: the checkpoint folder name)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized copy of a checkpoint")
+    p.add_argument("--model", required=True, help="float checkpoint directory")
+    p.add_argument("--method", required=True, choices=["int8", "int4"], help="int8 per channel or int4 grouped")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
+    p.add_argument("--output", required=True, help="output directory")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     p.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="architecture size (default tiny)")

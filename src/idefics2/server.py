@@ -508,11 +508,10 @@ def serve(args) -> int:
     """Entry point of `idefics2 serve`."""
     import uvicorn
 
-    from .cli import load_model_and_processor
+    from .cli import load_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, processor = load_model_and_processor(args.model, args.dtype, args.threads,
-                                                False if args.no_image_splitting else None)
+    model, processor = load_from_args(args)
     settings = ServerSettings(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
         api_key=args.api_key or os.environ.get("IDEFICS2_API_KEY") or None,
