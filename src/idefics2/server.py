@@ -17,10 +17,14 @@ import os
 import time
 import urllib.request
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .engine import Engine, EngineRequest, ImageInput
@@ -293,12 +297,6 @@ def metrics_text(service: Service) -> str:
 
 # ---- the app -------------------------------------------------------------------------------------------------------
 def create_app(service: Service):
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
     @asynccontextmanager
     async def lifespan(app):
         if not service.ready:
