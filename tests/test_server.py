@@ -155,7 +155,7 @@ FAULTS = {
     "unknown model": ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
     "bad base64": ({"model": "tiny", "messages": image_message("x", "data:image/png;base64,@@@")}, 400, "base64"),
     "not an image": ({"model": "tiny", "messages": image_message(
-        "x", "data:image/png;base64," + base64.b64encode(b"plain text").decode())}, 400, "not a readable image"),
+        "x", "data:image/png;base64," + base64.b64encode(b"plain text").decode())}, 400, "not an image"),
     "too many pixels": ({"model": "tiny", "messages": image_message("x", image_uri((500, 500)))}, 400,
                         "--max-image-pixels"),
     "too many images": ({"model": "tiny", "messages": image_message("x", *[image_uri()] * 4)}, 400,

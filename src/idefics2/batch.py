@@ -9,8 +9,6 @@ paths are relative to the JSONL file). Output lines: `{"id", "answer", "prompt_t
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import sys
@@ -82,18 +80,13 @@ def normalize_messages(messages: Any) -> tuple[list[dict] | None, list[str]]:
 
 def load_request_image(ref: str, base_dir: str):
     if ref.startswith("data:"):
-        try:
-            payload = base64.b64decode(ref.split(",", 1)[1], validate=True)
-        except (IndexError, ValueError) as e:
-            raise UserError(f"bad base64 data URI ({e})") from e
-        from PIL import Image, UnidentifiedImageError
+        from .media import ImageLoadError
+        from .media import open_image as load
 
         try:
-            image = Image.open(io.BytesIO(payload))
-            image.load()
-            return image
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"data URI is not an image ({e})") from e
+            return load(ref)
+        except ImageLoadError as e:
+            raise UserError(str(e)) from e
     if ref.startswith(("http://", "https://")):
         raise UserError(f"remote images are not fetched by batch: {ref}")
     path = ref[len("file://"):] if ref.startswith("file://") else ref

@@ -47,16 +47,15 @@ def load_from_args(args: argparse.Namespace, model_dir: str | None = None):
 
 
 def open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from .media import ImageLoadError
+    from .media import open_image as load
 
     if not os.path.isfile(path):
         raise UserError(f"image {path!r} does not exist")
     try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path!r}: not an image file ({e})") from e
-    return image
+        return load(path)
+    except ImageLoadError as e:
+        raise UserError(f"cannot read image {path!r}: {e}") from e
 
 
 def user_message(prompt: str, n_images: int) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import logging
 import os
@@ -137,17 +136,13 @@ def fetch_image_bytes(url: str, settings: ServerSettings) -> bytes:
 
 
 def decode_image(data: bytes, index: int, settings: ServerSettings):
-    from PIL import Image, UnidentifiedImageError
+    from .media import ImageLoadError, open_image
 
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > settings.max_image_pixels:
-            raise APIError(400, f"image {index} has {image.width}x{image.height} pixels, over the limit of "
-                                f"{settings.max_image_pixels} (--max-image-pixels)")
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise APIError(400, f"image {index} is not a readable image ({type(e).__name__})") from e
-    return image
+        return open_image(data, max_image_pixels=settings.max_image_pixels)
+    except ImageLoadError as e:
+        hint = " (--max-image-pixels)" if "max_image_pixels" in str(e) else ""
+        raise APIError(400, f"image {index}: {e}{hint}") from e
 
 
 # ---- the service ---------------------------------------------------------------------------------------------------
