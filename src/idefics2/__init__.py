@@ -14,6 +14,7 @@ from .generation import GenerateOutput, GenerationConfig
 from .image_processing import Idefics2ImageProcessor
 from .modeling import Idefics2ForConditionalGeneration, Idefics2Model, Idefics2PreTrainedModel
 from .outputs import Idefics2CausalLMOutput, Idefics2ModelOutput
+from .pipeline import Idefics2Pipeline, pipeline
 from .processing import Idefics2Processor
 from .quantize import QuantizedLinear
 from .streaming import TextStreamer, stream_generate
@@ -47,6 +48,7 @@ __all__ = [
     "Idefics2Model",
     "Idefics2ModelOutput",
     "Idefics2PerceiverConfig",
+    "Idefics2Pipeline",
     "Idefics2PreTrainedModel",
     "Idefics2Processor",
     "Idefics2Tokenizer",
@@ -57,5 +59,6 @@ __all__ = [
     "QuantizedLinear",
     "SlotKVCache",
     "TextStreamer",
+    "pipeline",
     "stream_generate",
 ]
