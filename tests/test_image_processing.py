@@ -343,3 +343,21 @@ def test_property_shapes_masks_or_documented_errors(spec):
             else:
                 assert int(mask[i, j].sum()) == 0
         assert (values[i][mask[i].unsqueeze(1).expand_as(values[i]) == 0] == 0).all()  # padding is exactly 0
+
+
+def test_threads_do_not_change_results(make_test_image):
+    images = [[make_test_image(700, 300, "RGBA", 1), make_test_image(64, 900, "L", 2)], [make_test_image(1200, 800)]]
+    serial = Idefics2ImageProcessor(do_image_splitting=True, num_threads=1)(images)
+    threaded = Idefics2ImageProcessor(do_image_splitting=True, num_threads=4)(images)
+    np.testing.assert_array_equal(serial["pixel_values"], threaded["pixel_values"])
+    np.testing.assert_array_equal(serial["pixel_attention_mask"], threaded["pixel_attention_mask"])
+
+
+def test_alpha_composite_table_is_pils_result():
+    from idefics2.image_processing import _pil_to_rgb
+
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (300, 400, 4), dtype=np.uint8), "RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    expected = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(_pil_to_rgb(rgba)), expected)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,9 @@ CONFIG_KEYS = (
     "do_pad",
     "do_image_splitting",
 )
-CALL_KEYS = CONFIG_KEYS + ("max_image_pixels", "allow_remote_images")
+CALL_KEYS = CONFIG_KEYS + ("max_image_pixels", "allow_remote_images", "num_threads")
+# Per-image work (PIL resize/convert, numpy take) releases the GIL, so threads scale it over cores.
+DEFAULT_MAX_THREADS = 8
 
 
 def resize_output_size(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
@@ -226,6 +230,7 @@ class Idefics2ImageProcessor:
         do_image_splitting: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         allow_remote_images: bool = False,
+        num_threads: int | None = None,
     ) -> None:
         self.do_convert_rgb = do_convert_rgb
         self.do_resize = do_resize
@@ -240,6 +245,7 @@ class Idefics2ImageProcessor:
         self.do_image_splitting = do_image_splitting
         self.max_image_pixels = max_image_pixels
         self.allow_remote_images = allow_remote_images
+        self.num_threads = num_threads
         self._lut_cache: dict[tuple, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------------------- config I/O
@@ -294,10 +300,10 @@ class Idefics2ImageProcessor:
         std = _per_channel(opts["image_std"], "image_std")
 
         nested = nest_images(images)
-        sources = [
-            [self._prepare(image, _where(i, j), opts) for j, image in enumerate(sample)]
-            for i, sample in enumerate(nested)
-        ]
+        flat = [(image, _where(i, j)) for i, sample in enumerate(nested) for j, image in enumerate(sample)]
+        workers = _thread_count(opts["num_threads"], len(flat))
+        prepared = iter(_parallel_map(lambda item: self._prepare(item[0], item[1], opts), flat, workers))
+        sources = [[next(prepared) for _ in sample] for sample in nested]
         # Plan: every crop's box and final size, so the padded buffer can be allocated before any resize.
         plans: list[list[tuple[_Source, tuple[int, int, int, int], tuple[int, int]]]] = []
         for sample in sources:
@@ -318,8 +324,12 @@ class Idefics2ImageProcessor:
                     plan.append((source, box, target))
             plans.append(plan)
 
+        for pre_scaled in (False, True):  # fill the LUT cache before the threads read it
+            self._lut(pre_scaled, mean, std, opts)
         if not opts["do_pad"]:
-            arrays = [[self._render(src, box, tgt, mean, std, opts) for src, box, tgt in plan] for plan in plans]
+            rendered = iter(_parallel_map(lambda task: self._render(*task, mean, std, opts),
+                                          [task for plan in plans for task in plan], workers))
+            arrays = [[next(rendered) for _ in plan] for plan in plans]
             return _unpadded_output(arrays, return_tensors)
 
         n_images = max(len(plan) for plan in plans)
@@ -329,11 +339,16 @@ class Idefics2ImageProcessor:
         max_w = max(tgt[1] for plan in plans for _, _, tgt in plan)
         pixel_values = np.zeros((len(plans), n_images, 3, max_h, max_w), dtype=np.float32)
         pixel_mask = np.zeros((len(plans), n_images, max_h, max_w), dtype=np.int64)
-        for i, plan in enumerate(plans):
-            for j, (source, box, target) in enumerate(plan):
-                h, w = target
-                self._render(source, box, target, mean, std, opts, out=pixel_values[i, j, :, :h, :w])
-                pixel_mask[i, j, :h, :w] = 1
+
+        def render_into(task: tuple[int, int, _Source, tuple[int, int, int, int], tuple[int, int]]) -> None:
+            i, j, source, box, (h, w) = task  # each task writes its own slot: no two threads share memory
+            self._render(source, box, (h, w), mean, std, opts, out=pixel_values[i, j, :, :h, :w])
+            pixel_mask[i, j, :h, :w] = 1
+
+        tasks = [(i, j, *task) for i, plan in enumerate(plans) for j, task in enumerate(plan)]
+        # Largest first, so one big image does not run alone at the end.
+        tasks.sort(key=lambda task: -(task[3][2] - task[3][0]) * (task[3][3] - task[3][1]))
+        _parallel_map(render_into, tasks, workers)
         return BatchFeature({"pixel_values": pixel_values, "pixel_attention_mask": pixel_mask}, return_tensors)
 
     # ---------------------------------------------------------------------------------------- per-image steps
@@ -452,12 +467,43 @@ def _check_size(width: int, height: int, where: str, opts: dict[str, Any]) -> No
         raise ImageLoadError(f"{where}: {exc}") from exc
 
 
+def _thread_count(requested: int | None, n_tasks: int) -> int:
+    if requested is not None:
+        return max(1, int(requested))
+    return max(1, min(n_tasks, os.cpu_count() or 1, DEFAULT_MAX_THREADS))
+
+
+def _parallel_map(fn: Any, items: list[Any], workers: int) -> list[Any]:
+    """`[fn(x) for x in items]`, on `workers` threads; the first failing item (in order) raises."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+@lru_cache(maxsize=1)
+def _white_composite_table() -> np.ndarray:
+    """(256 * 256,) uint8: PIL's `alpha_composite(white, pixel)` colour for every (alpha, value) pair, made by
+    PIL itself so it is exact by construction. Over an opaque white background the result of a channel only
+    depends on that channel and the alpha, so one table serves R, G and B."""
+    alpha, value = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    grid = np.stack([value, value, value, alpha], axis=-1)
+    white = PIL.Image.new("RGBA", (256, 256), (255, 255, 255, 255))
+    composited = PIL.Image.alpha_composite(white, PIL.Image.fromarray(grid, "RGBA"))
+    return np.ascontiguousarray(np.asarray(composited)[..., 0]).reshape(-1)
+
+
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """The reference's RGB conversion for PIL images: transparency composited onto white, else convert."""
+    """The reference's RGB conversion for PIL images: transparency composited onto white, else convert.
+    Compositing uses a table of PIL's own results (bit-identical, about 2x faster than PIL's per-pixel division)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+        rgba = np.asarray(image.convert("RGBA") if image.mode != "RGBA" else image)
+        table = _white_composite_table()
+        index = rgba[..., 3].astype(np.uint16) << 8
+        rgb = np.empty(rgba.shape[:2] + (3,), dtype=np.uint8)
+        for c in range(3):
+            np.take(table, index | rgba[..., c], out=rgb[..., c], mode="clip")
+        return PIL.Image.fromarray(rgb, "RGB")
     if image.mode == "RGB":
         return image  # later steps (crop, resize, asarray) never modify it, so no copy is needed
     return image.convert("RGB")
