@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -230,3 +231,34 @@ def test_feature_cache_hits_show_in_metrics(server, client):
     before = metric(server, "idefics2_image_feature_cache_hits_total")
     greedy(client, image_message("b", uri), max_tokens=1)
     assert metric(server, "idefics2_image_feature_cache_hits_total") == before + 1
+
+
+INVOICE = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                            "ok": {"type": "boolean"}},
+           "required": ["id", "ok"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_streaming_and_not(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "invoice", "schema": INVOICE, "strict": True}}
+    messages = image_message("Extract the invoice.", image_uri())
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=0,
+                                           response_format=fmt)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), INVOICE)
+    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=0.9,
+                                            seed=3, response_format=fmt, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(streamed), INVOICE)
+    obj = client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, temperature=0,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_invalid_schema_is_a_400_naming_the_problem(server, client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}
+    response = raw_post(server, body)
+    assert response.status_code == 400
+    assert "response_format" in response.json()["error"]["message"]
+    assert_healthy(client)

@@ -25,10 +25,18 @@ class Request:
     line: int
     messages: list[dict] = field(default_factory=list)
     image_refs: list[str] = field(default_factory=list)
+    json_schema: Any = None
     error: str | None = None
 
 
 def parse_request(obj: Any, line: int) -> Request:
+    request = _parse_request(obj, line)
+    if isinstance(obj, dict) and obj.get("json_schema") is not None:
+        request.json_schema = obj["json_schema"]
+    return request
+
+
+def _parse_request(obj: Any, line: int) -> Request:
     if not isinstance(obj, dict):
         return Request(id=None, line=line, error=f"line {line}: expected a JSON object")
     rid = obj.get("id", f"line-{line}")
@@ -185,7 +193,12 @@ def generate_rows(model, processor, ready: list, gen: dict[str, Any]) -> list[di
     texts = [text for _, text, _, _ in ready]
     images = [imgs for _, _, imgs, _ in ready]
     inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
-    output = model.generate(**dict(inputs), **gen)
+    gen = dict(gen)
+    default_schema = gen.pop("json_schema", None)
+    schemas = [request.json_schema if request.json_schema is not None else default_schema for request, *_ in ready]
+    if any(s is not None for s in schemas):
+        gen["json_schema"] = schemas
+    output = model.generate(**dict(inputs), tokenizer=processor.tokenizer, **gen)
     width = inputs["input_ids"].shape[1]
     pad, eos = gen.get("pad_token_id", 0), set(model.generation_config.eos_ids) if model.generation_config else set()
     records = []

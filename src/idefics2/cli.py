@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -62,8 +63,20 @@ def user_message(prompt: str, n_images: int) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}
 
 
+def read_json_schema(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"JSON schema file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"JSON schema file {path!r} is not valid JSON: {e}") from e
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if getattr(args, "json_schema", None):
+        kwargs["json_schema"] = read_json_schema(args.json_schema)
     if args.temperature and args.temperature > 0:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
         if args.seed is not None:
@@ -111,7 +124,7 @@ def run_chat_turn(model, processor, messages: list[dict], images: list, gen: dic
         out.flush()
 
     streamer = TimedStreamer(processor.tokenizer, emit)
-    model.generate(**dict(inputs), streamer=streamer, **gen)
+    model.generate(**dict(inputs), streamer=streamer, tokenizer=processor.tokenizer, **gen)
     out.write("\n")
     out.flush()
     if verbose:
@@ -302,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--image", action="append", help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the answer to JSON matching this schema file")
     add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -316,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="JSONL answers, appended as they finish (resumes)")
     p.add_argument("--batch-size", type=int, default=4, help="requests generated together (default 4)")
     p.add_argument("--max-input-tokens", type=int, help="reject prompts longer than this (default: model limit)")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="JSON schema every answer must match (a line's own \"json_schema\" takes precedence)")
     add_sampling_options(p)
     p.set_defaults(func=cmd_batch)
 
@@ -362,11 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .structured import ConstraintError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, CheckpointError, ConfigError) as e:
+    except (UserError, CheckpointError, ConfigError, ConstraintError) as e:
         print(f"idefics2: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

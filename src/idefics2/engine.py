@@ -30,6 +30,7 @@ from .generation import (
     process_logits,
     static_bad_words_mask,
 )
+from .structured import Constraint, GrammarEngine, RowMatcher
 
 
 class FeatureCache:
@@ -82,6 +83,7 @@ class EngineRequest:
     config: GenerationConfig
     images: list[ImageInput] = field(default_factory=list)
     seed: int | None = None
+    constraint: Constraint | None = None  # JSON schema / regex / choices the output must match
     on_token: Callable[[int], None] | None = None  # called on the engine thread for each new token
     # Filled in by the engine.
     tokens: list[int] = field(default_factory=list)
@@ -110,6 +112,7 @@ class _Row:
     bad_mask: torch.Tensor | None
     eos: set[int]
     budget: int
+    matcher: RowMatcher | None = None
 
 
 class EngineMetrics:
@@ -222,6 +225,12 @@ class Engine:
                 request.error = f"{type(e).__name__}: {e}"
                 self._finish_unadmitted(request, "error")
 
+    def grammar(self, config: GenerationConfig) -> GrammarEngine:
+        """The grammar engine for this tokenizer (compiled grammars are cached there)."""
+        if self.tokenizer is None:
+            raise ValueError("constrained requests need the engine to have the tokenizer")
+        return GrammarEngine.for_tokenizer(self.tokenizer, self.model.config.vocab_size, tuple(config.eos_ids))
+
     def _image_features(self, request: EngineRequest) -> torch.Tensor | None:
         parts = []
         for image in request.images:
@@ -256,6 +265,7 @@ class Engine:
             bad_mask=static_bad_words_mask(config, model.config.vocab_size, model.device),
             eos=set(config.eos_ids),
             budget=config.max_new_tokens if config.max_new_tokens is not None else GenerationConfig.DEFAULT_MAX_NEW_TOKENS,
+            matcher=self.grammar(config).matcher(request.constraint) if request.constraint else None,
         )
         self.rows.append(row)
         self.metrics.prompt_tokens += int(ids.numel())
@@ -282,8 +292,11 @@ class Engine:
             self._retire(index, "cancelled")
             return
         generated = len(request.tokens)
-        scores = process_logits(logits[None], row.ids[None], row.config, generated, row.bad_mask)
+        allowed = row.matcher.allowed()[None].to(logits.device) if row.matcher is not None else None
+        scores = process_logits(logits[None], row.ids[None], row.config, generated, row.bad_mask, allowed)
         token = int(choose_tokens(scores, row.config, row.generator)[0])
+        if row.matcher is not None:
+            row.matcher.advance(token)
         now = time.perf_counter()
         if request.first_token_at is None:
             request.first_token_at = now
@@ -295,7 +308,10 @@ class Engine:
         self.metrics.recent.append((now, 1))
         if request.on_token is not None:
             request.on_token(token)
-        if token in row.eos or (row.stop is not None and bool(row.stop(row.ids[None, -len(request.tokens):])[0])):
+        grammar_done = row.matcher is not None and row.matcher.finished
+        if grammar_done or token in row.eos or (
+            row.stop is not None and bool(row.stop(row.ids[None, -len(request.tokens):])[0])
+        ):
             self._retire(index, "stop")
         elif len(request.tokens) >= row.budget or int(self.cache.lengths[index]) + 1 >= self.cache.capacity:
             self._retire(index, "length")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .cache import KVCache
+from .structured import GrammarEngine, allowed_mask, constraints_for_rows
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -174,9 +175,11 @@ def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
 
 def process_logits(
     scores: torch.Tensor, ids: torch.Tensor, config: GenerationConfig, new_tokens: int,
-    bad_mask_static: torch.Tensor | None,
+    bad_mask_static: torch.Tensor | None, allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All logits processors for one step. `scores` [B, V] float32, `ids` [B, T] prompt + generated so far."""
+    """All logits processors for one step. `scores` [B, V] float32, `ids` [B, T] prompt + generated so far,
+    `allowed` [B, V] a grammar's token mask (applied before the sampling filters, so they choose among
+    allowed tokens only)."""
     if config.repetition_penalty != 1.0:
         scores = apply_repetition_penalty(scores, ids, config.repetition_penalty)
     if config.bad_words_ids:
@@ -188,6 +191,8 @@ def process_logits(
     if new_tokens < config.min_new_tokens and config.eos_ids:
         scores = scores.clone()
         scores[:, config.eos_ids] = -math.inf
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             scores = scores / config.temperature
@@ -268,6 +273,7 @@ def generate(
     if input_ids is None:
         raise ValueError("generate() needs input_ids (build them with the processor)")
     kwargs.pop("use_cache", None)
+    grammar_kwargs = {k: kwargs.pop(k) for k in ("json_schema", "regex", "choices") if k in kwargs}
     config = resolve_config(model, generation_config, kwargs)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -291,12 +297,23 @@ def generate(
                 f"Image features and image tokens do not match in sample {b}: {int(tokens[b])} image tokens, "
                 f"{int(counts[b])} image(s) x {model.config.image_seq_len} latents"
             )
+    constraints = constraints_for_rows(input_ids.shape[0], **grammar_kwargs)
     if config.num_beams > 1 and not config.do_sample:
+        if constraints:
+            raise ValueError("json_schema / regex / choices are not supported with beam search (num_beams > 1)")
         return _beam_search(model, input_ids, attention_mask, features, config, streamer, tokenizer)
     expand = config.num_return_sequences
     if expand > 1:
         input_ids, attention_mask, features = _expand_rows(model, input_ids, attention_mask, features, expand)
-    return _sample(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator)
+        if constraints:
+            constraints = [c for c in constraints for _ in range(expand)]
+    matchers = None
+    if constraints:
+        if tokenizer is None:
+            raise ValueError("json_schema / regex / choices need the tokenizer: pass tokenizer=processor.tokenizer")
+        grammar = GrammarEngine.for_tokenizer(tokenizer, model.config.vocab_size, tuple(config.eos_ids))
+        matchers = [grammar.matcher(c) if c is not None else None for c in constraints]
+    return _sample(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator, matchers)
 
 
 def _expand_rows(model, input_ids, attention_mask, features, times: int):
@@ -337,7 +354,7 @@ def static_bad_words_mask(config: GenerationConfig, vocab: int, device) -> torch
     return mask
 
 
-def _sample(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator):
+def _sample(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator, matchers=None):
     batch, prompt_len = input_ids.shape
     budget = _budget(config, prompt_len)
     if streamer is not None:
@@ -362,11 +379,18 @@ def _sample(model, input_ids, attention_mask, features, config, streamer, tokeni
     logits = prefill(model, input_ids, attention_mask, features, cache)
     length = prompt_len
     for step in range(budget):
-        scores = process_logits(logits, ids[:, :length], config, step, bad_static)
+        allowed = allowed_mask(matchers, logits.shape[-1], device) if matchers else None
+        scores = process_logits(logits, ids[:, :length], config, step, bad_static, allowed)
         if config.output_scores:
             scores_out.append(scores)
         tokens = choose_tokens(scores, config, generator)
         tokens = torch.where(unfinished, tokens, config.pad_token_id)
+        if matchers:
+            for row, matcher in enumerate(matchers):
+                if matcher is not None and bool(unfinished[row]):
+                    matcher.advance(int(tokens[row]))
+                    if matcher.finished:  # the output is complete: stop the row here
+                        unfinished[row] = False
         ids[:, length] = tokens
         length += 1
         if streamer is not None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from .engine import Engine, EngineRequest, ImageInput
 from .generation import GenerationConfig
+from .structured import Constraint, ConstraintError
 
 log = logging.getLogger("idefics2.server")
 
@@ -56,6 +57,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    name: str | None = None
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class SamplingParams(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -67,6 +80,7 @@ class SamplingParams(BaseModel):
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
 
@@ -235,6 +249,24 @@ class Service:
             top_p=params.top_p, top_k=0, stop_strings=stops,
         )
 
+    def constraint(self, params: SamplingParams, config: GenerationConfig) -> Constraint | None:
+        """The response_format as a grammar constraint, compiled now so that a bad schema is a 400."""
+        fmt = params.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format type 'json_schema' needs a json_schema object with a schema")
+            make = lambda: Constraint.json_schema(fmt.json_schema.schema_)  # noqa: E731
+        else:
+            make = Constraint.json_object
+        try:
+            constraint = make()
+            self.engine.grammar(config).grammar(constraint)
+        except ConstraintError as e:
+            raise APIError(400, f"response_format: {e}") from e
+        return constraint
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.settings.model_name!r}",
@@ -247,8 +279,10 @@ class Service:
                                 f"{self.settings.max_queue}); retry shortly", kind="rate_limit_exceeded",
                            headers={"Retry-After": "1"})
 
-    def submit(self, input_ids, images, config: GenerationConfig, seed: int | None, on_token) -> EngineRequest:
-        request = EngineRequest(input_ids=input_ids, images=images, config=config, seed=seed, on_token=on_token)
+    def submit(self, input_ids, images, config: GenerationConfig, seed: int | None, on_token,
+               constraint: Constraint | None = None) -> EngineRequest:
+        request = EngineRequest(input_ids=input_ids, images=images, config=config, seed=seed, on_token=on_token,
+                                constraint=constraint)
         try:
             return self.engine.submit(request)
         except ValueError as e:
@@ -345,6 +379,7 @@ def create_app(service: Service):
         service.check_model(params.model)
         input_ids, image_inputs = await asyncio.to_thread(service.engine_inputs, text, images)
         config = service.generation_config(params, int(input_ids.numel()))
+        constraint = service.constraint(params, config)
         service.check_capacity(params.n)
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in range(params.n)]
@@ -355,7 +390,7 @@ def create_app(service: Service):
             def on_token(token, q=queues[i]):
                 loop.call_soon_threadsafe(q.put_nowait, token)
 
-            submitted.append(service.submit(input_ids, image_inputs, config, seed, on_token))
+            submitted.append(service.submit(input_ids, image_inputs, config, seed, on_token, constraint))
         for q, r in zip(queues, submitted):
             threading_done(r, loop, q)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
