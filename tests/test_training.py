@@ -1,0 +1,404 @@
+"""Fine-tuning (issue #7): label masking, loss parity with transformers, LoRA / full overfit, gradient
+checkpointing with adapters, adapter merge, exact resume after SIGKILL, torchrun DDP equivalence, CLI errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+from idefics2.training import (
+    DEFAULT_LORA_TARGET,
+    ChatCollator,
+    DataError,
+    Sample,
+    TrainConfig,
+    Trainer,
+    apply_lora,
+    expected_lora_parameters,
+    filter_by_length,
+    load_jsonl,
+)
+from idefics2.training.__main__ import main as training_main
+
+pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+
+
+def conversation(color: str) -> dict:
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": f"It is {color}."}]},
+    ], "images": [f"img/{color}.png"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny random preset with the real processor files; images resized to 56 px to keep steps fast."""
+    from idefics2.cli import copy_processor_files
+    from idefics2.presets import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny")
+    write_random_checkpoint("tiny", path)
+    copy_processor_files(str(path))
+    config_path = path / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(do_image_splitting=False, size={"shortest_edge": 56, "longest_edge": 56})
+    config_path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("data")
+    (directory / "img").mkdir()
+    with open(directory / "train.jsonl", "w") as handle:
+        for i, color in enumerate(COLORS):
+            Image.new("RGB", (20 + i, 16), color).save(directory / "img" / f"{color}.png")
+            handle.write(json.dumps(conversation(color)) + "\n")
+    return str(directory / "train.jsonl")
+
+
+def run_config(tiny_dir, data_file, out, **kwargs) -> TrainConfig:
+    defaults = dict(model=tiny_dir, train_file=data_file, output_dir=str(out), progress=False, max_length=512)
+    defaults.update(kwargs)
+    return TrainConfig(**defaults)
+
+
+def losses(path: str) -> dict[int, float]:
+    out = {}
+    with open(path) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "loss" in record:
+                out[record["step"]] = record["loss"]  # a resumed run rewrites later steps: keep the last
+    return out
+
+
+# ---- data and masking ------------------------------------------------------------------------------------------
+def test_masking_two_turns_system_two_images(tiny_dir):
+    processor = Idefics2Processor.from_pretrained(tiny_dir)
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A blue circle, I think."}]},
+    ]
+    images = {"a": Image.new("RGB", (30, 20), "red"), "b": Image.new("RGB", (16, 24), "blue")}
+    collator = ChatCollator(processor, image_loader=images.__getitem__)
+    short = [messages[1], messages[2]]
+    batch = collator([Sample(messages, ["a", "b"], 1), Sample(short, ["a"], 2)])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert batch["pixel_values"].shape[:2] == (2, 2)
+    assert mask[1, -1] == 0 and mask[0].all()  # right padding
+    assert torch.equal(ids, processor(text=[processor.apply_chat_template(m) for m in (messages, short)],
+                                      images=[[images["a"], images["b"]], [images["a"]]], padding="longest",
+                                      padding_side="right", return_tensors="pt")["input_ids"])
+
+    eou = processor.end_of_utterance_token_id
+    for row, conv in ((0, messages), (1, short)):
+        rendered = processor.apply_chat_template(conv)
+        # Walk the template rendering token by token: the header "Assistant:" opens an assistant turn, its
+        # <end_of_utterance> closes it (inclusive). Everything else must be masked.
+        tokens = processor.tokenizer.convert_ids_to_tokens(ids[row].tolist())
+        expected, in_answer, turns = [], False, []
+        for k, (token_id, token) in enumerate(zip(ids[row].tolist(), tokens)):
+            if mask[row, k] == 0:
+                expected.append(False)
+                continue
+            expected.append(in_answer and token_id not in (processor.image_token_id, processor.fake_image_token_id))
+            if in_answer and token_id == eou:
+                in_answer = False
+            if token == ":" and k >= 2 and "".join(tokens[k - 2:k]) in ("Assistant", "▁Assistant"):
+                in_answer, turns = True, [*turns, k + 1]
+        got = (labels[row] != -100).tolist()
+        assert got == expected
+        assert torch.equal(labels[row][labels[row] != -100], ids[row][labels[row] != -100])
+        # The labelled runs decode to exactly the assistant answers (+ <end_of_utterance>) of the rendering.
+        answers = [m["content"][0]["text"] for m in conv if m["role"] == "assistant"]
+        runs, current = [], []
+        for k, keep in enumerate(got):
+            if keep:
+                current.append(int(ids[row, k]))
+            elif current:
+                runs.append(current)
+                current = []
+        assert [processor.decode(r) for r in runs] == [f"{a}<end_of_utterance>" for a in answers]
+        for a in answers:
+            assert f"Assistant: {a}<end_of_utterance>" in rendered
+        assert len(turns) == len(answers)
+        kinds = set(ids[row][(labels[row] == -100) & (mask[row] == 1)].tolist())
+        assert {processor.image_token_id, processor.fake_image_token_id} <= kinds
+
+    everything = ChatCollator(processor, train_on_all_text=True, image_loader=images.__getitem__)([
+        Sample(messages, ["a", "b"], 1)])
+    kept = everything["labels"][0] != -100
+    assert not kept[0]  # bos
+    assert kept[1:].tolist() == [i not in (processor.image_token_id, processor.fake_image_token_id)
+                                 for i in ids[0, 1:].tolist()]
+
+
+def test_bad_lines_reported_with_line_numbers(tmp_path, tiny_dir, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    good = conversation("red") | {"images": ["ok.png"]}
+    lines = [
+        json.dumps(good),
+        json.dumps(good | {"images": ["missing.png"]}),
+        json.dumps(good | {"images": []}),
+        json.dumps({"messages": [good["messages"][0], {"role": "assistant", "content": [{"type": "text",
+                                                                                         "text": " "}]}],
+                    "images": ["ok.png"]}),
+        "{not json",
+    ]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        load_jsonl(str(tmp_path / "bad.jsonl"))
+    message = str(info.value)
+    assert "4 bad line(s)" in message
+    for number, words in ((2, "image '"), (3, "1 image part(s)"), (4, "message 1 is an empty assistant turn"), (5, "")):
+        assert f"bad.jsonl:{number}: {words}" in message
+    assert "missing.png' does not exist" in message and "bad.jsonl:1:" not in message
+    code = training_main(["finetune", "--model", tiny_dir, "--train", str(tmp_path / "bad.jsonl"), "--output",
+                          str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("idefics2: error: 4 bad line(s)") and err.count("\n") == 1
+
+
+def test_long_samples_are_dropped_or_refused_never_cut(tiny_dir, data_file):
+    processor = Idefics2Processor.from_pretrained(tiny_dir)
+    collator = ChatCollator(processor)
+    samples = load_jsonl(data_file)
+    long = conversation("red")["messages"]
+    long = [{"role": "user", "content": [{"type": "image"}, *long[0]["content"]]}, long[1]]
+    samples.insert(2, Sample(long, samples[0].images * 2, 99, source="x"))  # one more image block: 64+ tokens
+    lengths = [collator.num_tokens(s.messages) for s in samples]
+    limit = min(lengths)
+    kept = filter_by_length(samples, collator, limit)
+    assert [s.num_tokens for s in kept] == [n for n in lengths if n <= limit] and len(kept) < len(samples)
+    assert all(s.num_tokens <= limit for s in kept)
+    batch = collator(kept[:2])
+    assert batch["input_ids"].shape[1] == max(s.num_tokens for s in kept[:2])  # whole samples, image blocks intact
+    with pytest.raises(DataError, match="never truncated"):
+        filter_by_length(samples, collator, limit, on_long="error")
+
+
+# ---- loss parity ---------------------------------------------------------------------------------------------
+def test_loss_matches_transformers_on_padded_batch(tmp_path):
+    from reference import make_prompt, pad_images, reference_model, tiny_config_dict
+
+    config = tiny_config_dict()
+    ref = reference_model(config, seed=3)
+    ref.save_pretrained(tmp_path)
+    ours = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    rows = [make_prompt(g, config, 2, 9), make_prompt(g, config, 1, 4)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(rows):  # right padding, as in training
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[(ids == config["image_token_id"]) | (ids == config["image_token_id"] - 1)] = -100
+    labels[:, :3] = -100
+    pixels, pixel_mask = pad_images(g, [[(56, 42), (28, 56)], [(56, 56)]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask,
+                  labels=labels)
+    with torch.no_grad():
+        expected = ref(**inputs).loss
+        got = ours(**inputs).loss
+        got_sum = ours(**inputs, num_items_in_batch=int((labels[:, 1:] != -100).sum())).loss
+    assert abs(float(got) - float(expected)) <= 1e-5
+    assert abs(float(got_sum) - float(expected)) <= 1e-5
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------------
+def test_lora_parameter_count_merge_and_transformers_load(tiny_dir, tmp_path, capsys):
+    model = Idefics2ForConditionalGeneration.from_pretrained(tiny_dir)
+    for p in model.parameters():
+        p.data = p.data.clone()
+    expected = expected_lora_parameters(model, DEFAULT_LORA_TARGET, 8)
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    lora = apply_lora(model, r=8, alpha=8, dropout=0.1)
+    trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == expected > 0
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in trainable}
+    assert adapted == {n for n in names if n.startswith(("model.text_model.", "model.connector.modality_projection",
+                                                         "model.connector.perceiver_resampler"))
+                       and n.rsplit(".", 1)[-1].endswith("_proj")}
+    assert not any("vision_model" in n for n in adapted)
+    with torch.no_grad():  # B starts at zero: make the adapter do something
+        for n, p in trainable.items():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    lora.eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 30000, (2, 12), generator=g)
+    with torch.no_grad():
+        adapter_logits = lora(input_ids=ids).logits
+    lora.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert training_main(["merge-lora", "--model", tiny_dir, "--adapter", str(tmp_path / "adapter"),
+                          "--output", str(tmp_path / "merged")]) == 0
+    merged = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids).logits
+    assert (merged_logits - adapter_logits).abs().max() <= 1e-5
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    Idefics2Processor.from_pretrained(tmp_path / "merged")
+
+    from transformers import Idefics2ForConditionalGeneration as Reference
+
+    reference = Reference.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (reference(input_ids=ids).logits - adapter_logits).abs().max() <= 1e-5
+    # The adapter is a standard peft adapter: peft loads it onto a fresh base model.
+    from peft import PeftModel
+
+    again = PeftModel.from_pretrained(Idefics2ForConditionalGeneration.from_pretrained(tiny_dir),
+                                      tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - adapter_logits).abs().max() <= 1e-6
+    assert training_main(["merge-lora", "--model", tiny_dir, "--adapter", str(tmp_path / "adapter"),
+                          "--output", str(tmp_path / "merged")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_with_lora_matches(tiny_dir, data_file):
+    processor = Idefics2Processor.from_pretrained(tiny_dir)
+    batch = ChatCollator(processor)(load_jsonl(data_file)[:2])
+    grads = []
+    for checkpointing in (False, True):
+        model = Idefics2ForConditionalGeneration.from_pretrained(tiny_dir)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        lora = apply_lora(model, dropout=0.0, use_dora=checkpointing)  # DoRA too: magnitude vectors get grads
+        lora.train()
+        loss = lora(**batch).loss
+        loss.backward()  # the reentrant-checkpointing + frozen-input failure must not happen
+        named = {n: p.grad for n, p in lora.named_parameters() if p.requires_grad and "lora_A" in n}
+        assert all(g is not None for g in named.values())
+        grads.append((float(loss.detach()), named))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-6
+    for name, grad in grads[0][1].items():
+        assert torch.allclose(grad, grads[1][1][name], atol=1e-6), name
+
+
+# ---- training runs ---------------------------------------------------------------------------------------------
+def test_full_finetune_overfits_and_generates_a_training_answer(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "full"
+    Trainer(run_config(tiny_dir, data_file, out, method="full", batch_size=4, max_steps=32, learning_rate=5e-3,
+                       lr_scheduler="constant", warmup_steps=2)).train()
+    history = losses(out / "metrics.jsonl")
+    assert history[32] <= 0.1 * history[1], history
+    model = Idefics2ForConditionalGeneration.from_pretrained(out)
+    processor = Idefics2Processor.from_pretrained(out)
+    sample = conversation("red")
+    prompt = processor.apply_chat_template(sample["messages"][:1], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[Image.open(os.path.join(os.path.dirname(data_file), "img/red.png"))],
+                       return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    answer = processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer in {f"It is {c}." for c in COLORS}, answer
+
+
+def test_lora_finetune_halves_the_loss(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "lora"
+    Trainer(run_config(tiny_dir, data_file, out, method="lora", batch_size=4, max_steps=20, learning_rate=1e-2,
+                       lr_scheduler="constant", lora_target=f"({DEFAULT_LORA_TARGET})|lm_head")).train()
+    history = losses(out / "metrics.jsonl")
+    assert history[20] <= 0.5 * history[1], history
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8
+
+
+def test_qlora_without_cuda_says_so(tiny_dir, data_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = training_main(["finetune", "--model", tiny_dir, "--train", data_file, "--output", str(tmp_path),
+                          "--method", "qlora", "--no-progress"])
+    assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "idefics2.training", "finetune", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_path):
+    common = ["--model", tiny_dir, "--train", data_file, "--batch-size", "2", "--max-steps", "30",
+              "--learning-rate", "5e-3", "--warmup-steps", "3", "--save-steps", "2", "--save-total-limit", "2",
+              "--threads", "1", "--no-progress", "--gradient-accumulation-steps", "2", "--max-length", "512"]
+    # LoRA dropout 0.1 draws random numbers every step: the RNG state must be restored too.
+    reference = subprocess.Popen(_cli(*common, "--output", str(tmp_path / "straight")), env=_env(),
+                                 stderr=subprocess.PIPE, text=True)
+    killed_dir = tmp_path / "killed"
+    victim = subprocess.Popen(_cli(*common, "--output", str(killed_dir)), env=_env(), stderr=subprocess.DEVNULL)
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        if metrics.exists() and max(losses(metrics), default=0) >= 5:
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(losses(metrics))
+    assert 5 <= killed_at < 30
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in killed_dir.glob("checkpoint-*") if p.name[-1].isdigit())
+    assert checkpoints and checkpoints[-1] <= killed_at
+    resumed = subprocess.run(_cli(*common, "--output", str(killed_dir), "--resume"), env=_env(),
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at step {checkpoints[-1]}" in resumed.stderr
+    _, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err
+    straight, after = losses(tmp_path / "straight" / "metrics.jsonl"), losses(metrics)
+    assert sorted(after) == list(range(1, 31))
+    for step in range(1, 31):
+        assert abs(after[step] - straight[step]) <= 1e-6, (step, after[step], straight[step])
+    with open(killed_dir / "metrics.jsonl") as handle:
+        resumed_steps = [json.loads(line)["step"] for line in handle][killed_at:]
+    assert resumed_steps[0] == checkpoints[-1] + 1  # the resumed run really re-ran the lost steps
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["--model", tiny_dir, "--train", data_file, "--method", "full", "--max-steps", "3", "--learning-rate",
+            "1e-3", "--no-progress", "--max-length", "512", "--freeze", "vision"]
+    run = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "0", "-m", "idefics2.training",
+                          "finetune", *args, "--batch-size", "1", "--output", str(tmp_path / "ddp")],
+                         env=_env(), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stderr
+    Trainer(run_config(tiny_dir, data_file, tmp_path / "one", method="full", batch_size=2, max_steps=3,
+                       learning_rate=1e-3, freeze=["vision"])).train()
+    ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    assert ddp.keys() == one.keys()
+    moved = 0
+    for name in one:
+        assert (ddp[name] - one[name]).abs().max() <= 1e-5, name
+        moved += not torch.equal(one[name], base[name])
+    assert moved > 10
+    assert losses(tmp_path / "ddp" / "metrics.jsonl")[1] == pytest.approx(losses(tmp_path / "one" /
+                                                                                 "metrics.jsonl")[1], abs=1e-5)
