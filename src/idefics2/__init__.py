@@ -1,6 +1,7 @@
 """idefics2: a fast, checkpoint-compatible implementation of the Idefics2 vision-language model."""
 
 from .batch_feature import BatchFeature
+from .bnb import BitsAndBytesConfig
 from .cache import KVCache, SlotKVCache
 from .checkpoint import CheckpointError
 from .config import (
@@ -37,6 +38,7 @@ __all__ = [
     "AutoProcessor",
     "AutoTokenizer",
     "BatchFeature",
+    "BitsAndBytesConfig",
     "CheckpointError",
     "ConfigError",
     "GenerateOutput",

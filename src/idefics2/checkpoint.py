@@ -283,11 +283,13 @@ def load_pretrained(
     """
     from .modeling import check_attn_implementation, empty_weights
 
+    bnb_config = None
     if quantization_config is not None:
-        raise NotImplementedError(
-            f"quantization_config ({type(quantization_config).__name__}) is not supported yet; load the model "
-            "in bfloat16 (dtype=torch.bfloat16) instead"
-        )
+        from .bnb import BitsAndBytesConfig
+
+        bnb_config = BitsAndBytesConfig.coerce(quantization_config)
+        if quantize is not None:
+            raise ValueError("pass either quantization_config or quantize=, not both")
     if use_safetensors is False:
         raise ValueError("use_safetensors=False is not supported: only safetensors checkpoints are loaded")
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -316,12 +318,22 @@ def load_pretrained(
     target_dtype = parse_dtype(dtype, config, state)
 
     stored_quantization = config.extra.get("quantization_config")
-    if stored_quantization is not None and stored_quantization.get("quant_method") != "idefics2":
-        raise NotImplementedError(
-            f"checkpoints quantized with {stored_quantization.get('quant_method')!r} are not supported yet"
-        )
-    if quantize is not None and stored_quantization is not None:
-        raise ValueError(f"{directory} is already quantized ({stored_quantization['method']}); drop quantize=")
+    prequantized_bnb: dict[str, torch.Tensor] = {}
+    bnb_names: set[str] = set()
+    if stored_quantization is not None:
+        method = stored_quantization.get("quant_method")
+        if method not in ("idefics2", "bitsandbytes"):
+            raise NotImplementedError(f"checkpoints quantized with {method!r} are not supported yet")
+        if quantize is not None or bnb_config is not None:
+            raise ValueError(f"{directory} is already quantized ({method}); drop quantize= / quantization_config=")
+        if method == "bitsandbytes":
+            from .bnb import BitsAndBytesConfig, prequantized_names
+
+            bnb_config = BitsAndBytesConfig.from_dict(stored_quantization)
+            bnb_names = prequantized_names(state)
+            for key in [k for k in state if any(k.startswith(n + ".") for n in bnb_names)]:
+                prequantized_bnb[key] = state.pop(key)
+            stored_quantization = None  # the layers are rebuilt after the float part is loaded
     with empty_weights():
         model = cls(config)
         if stored_quantization is not None:
@@ -335,6 +347,8 @@ def load_pretrained(
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
+    for name in bnb_names:  # rebuilt by bitsandbytes from the popped tensors below
+        expected.pop(f"{name.removeprefix(prefix)}.weight", None)
 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -370,8 +384,15 @@ def load_pretrained(
         want = target_dtype if param.is_floating_point() else param.dtype
         loaded[name] = tensor.to(device=target_device, dtype=want)  # no copy when already right
         del tensor
-    model.load_state_dict(loaded, assign=True, strict=True)
+    missing_after = model.load_state_dict(loaded, assign=True, strict=False).missing_keys
     del loaded
+    if set(missing_after) != {f"{n.removeprefix(prefix)}.weight" for n in bnb_names}:
+        raise CheckpointError(f"internal error: unassigned tensors {sorted(missing_after)[:5]}")
+    if bnb_names:
+        from .bnb import load_prequantized
+
+        load_prequantized(model, {k.removeprefix(prefix): v for k, v in prequantized_bnb.items()},
+                          {n.removeprefix(prefix) for n in bnb_names}, bnb_config, target_device)
     model.tie_weights()
     model.reset_buffers(target_device)
     model.set_attn_implementation(config.attn_implementation)
@@ -380,6 +401,10 @@ def load_pretrained(
         from .quantize import quantize_model
 
         quantize_model(model, quantize, group_size=quantize_group_size)
+    elif bnb_config is not None and not bnb_names:
+        from .bnb import quantize_with_bnb
+
+        quantize_with_bnb(model, bnb_config, target_device)
     _attach_generation_config(model, directory)
     return model.eval()
 
