@@ -197,6 +197,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_estimate_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import Idefics2Config
+    from .memory import estimate
+    from .presets import preset_config
+
+    if args.model:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise UserError(f"{args.model!r} has no config.json: not an Idefics2 checkpoint directory")
+        config = Idefics2Config.from_pretrained(args.model)
+    else:
+        config = preset_config("8b-shapes" if args.preset == "8b" else args.preset)
+    result = estimate(config, getattr(torch, args.dtype), args.quantize, args.image_splitting == "on",
+                      images=args.images, batch=args.batch, max_new_tokens=args.max_new_tokens)
+    print(f"{args.model or args.preset}, {args.dtype}{', ' + args.quantize if args.quantize else ''}, "
+          f"batch {args.batch}, {result.prompt_tokens} prompt tokens + {args.max_new_tokens} new")
+    print(result.table())
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .modeling import Idefics2ForConditionalGeneration
 
@@ -356,6 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
     p.add_argument("--output", required=True, help="output directory")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("estimate-memory", help="estimate weights, KV cache and activation memory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint directory (its config.json)")
+    source.add_argument("--preset", choices=["tiny", "medium", "8b"], help="a built-in architecture")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantized text decoder")
+    p.add_argument("--image-splitting", choices=["on", "off"], default="on", help="5 sub-images per image")
+    p.add_argument("--images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="rows generated together (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generated tokens per row (default 256)")
+    p.set_defaults(func=cmd_estimate_memory)
 
     p = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     p.add_argument("--preset", choices=PRESET_NAMES, default="tiny", help="architecture size (default tiny)")
