@@ -341,7 +341,7 @@ def _env() -> dict[str, str]:
 
 
 def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_path):
-    common = ["--model", tiny_dir, "--train", data_file, "--batch-size", "2", "--max-steps", "30",
+    common = ["--model", tiny_dir, "--train", data_file, "--batch-size", "2", "--max-steps", "16",
               "--learning-rate", "5e-3", "--warmup-steps", "3", "--save-steps", "2", "--save-total-limit", "2",
               "--threads", "1", "--no-progress", "--gradient-accumulation-steps", "2", "--max-length", "512"]
     # LoRA dropout 0.1 draws random numbers every step: the RNG state must be restored too.
@@ -359,7 +359,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_pat
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = max(losses(metrics))
-    assert 5 <= killed_at < 30
+    assert 5 <= killed_at < 16
     checkpoints = sorted(int(p.name.split("-")[1]) for p in killed_dir.glob("checkpoint-*") if p.name[-1].isdigit())
     assert checkpoints and checkpoints[-1] <= killed_at
     resumed = subprocess.run(_cli(*common, "--output", str(killed_dir), "--resume"), env=_env(),
@@ -369,8 +369,8 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_pat
     _, err = reference.communicate(timeout=180)
     assert reference.returncode == 0, err
     straight, after = losses(tmp_path / "straight" / "metrics.jsonl"), losses(metrics)
-    assert sorted(after) == list(range(1, 31))
-    for step in range(1, 31):
+    assert sorted(after) == list(range(1, 17))
+    for step in range(1, 17):
         assert abs(after[step] - straight[step]) <= 1e-6, (step, after[step], straight[step])
     with open(killed_dir / "metrics.jsonl") as handle:
         resumed_steps = [json.loads(line)["step"] for line in handle][killed_at:]
@@ -385,7 +385,7 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = ["--model", tiny_dir, "--train", data_file, "--method", "full", "--max-steps", "3", "--learning-rate",
             "1e-3", "--no-progress", "--max-length", "512", "--freeze", "vision"]
-    run = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "0", "-m", "idefics2.training",
+    run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "idefics2.training",
                           "finetune", *args, "--batch-size", "1", "--output", str(tmp_path / "ddp")],
                          env=_env(), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -505,4 +505,8 @@ class _nullcontext:
 
 def finetune(config: TrainConfig) -> str:
     """Run a fine-tuning job; returns the output directory."""
-    return Trainer(config).train()
+    try:
+        return Trainer(config).train()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
