@@ -399,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.set_defaults(func=cmd_init_random)
 
+    from .training.cli import register as register_training
+
+    register_training(sub)  # finetune, merge-lora
+
     p = sub.add_parser("demo", help="run generate on the bundled sample image (random tiny model by default)")
     add_model_options(p, required=False)
     p.add_argument("--image", help="use this image instead of the bundled sample")
