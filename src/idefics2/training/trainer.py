@@ -229,8 +229,8 @@ class Trainer:
         else:
             freeze(model, cfg.freeze)
         self.model = model
+        self.wrapped = self._wrap(model)  # FSDP swaps in sharded parameters: collect them afterwards
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.wrapped = self._wrap(model)
         decay = [p for p in self.trainable if p.dim() >= 2]
         no_decay = [p for p in self.trainable if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -355,6 +355,11 @@ class Trainer:
         cfg = self.cfg
         if self.dist.main:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            if os.path.isfile(self.metrics_path) and os.path.getsize(self.metrics_path):
+                with open(self.metrics_path, "rb+") as handle:  # a killed run may have left half a line
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
             with open(os.path.join(cfg.output_dir, "train_config.json"), "w", encoding="utf-8") as handle:
                 json.dump(asdict(cfg), handle, indent=2)
             try:
