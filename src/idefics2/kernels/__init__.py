@@ -106,11 +106,10 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         bias.device.type != "cpu" or bias.shape != (weight.shape[0],) or bias.dtype not in (x.dtype, weight.dtype)
     ):
         return False
-    if torch.is_grad_enabled() and (
+    # the kernel has no backward
+    return not (torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return False  # the kernel has no backward
-    return True
+    ))
 
 
 def _fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

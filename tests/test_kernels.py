@@ -1,0 +1,190 @@
+"""idefics2.kernels.small_batch_linear: same results as F.linear, dispatch rules, and the fallback.
+
+The first test to need the kernel compiles it (about 15-30 s on two cores; cached afterwards in
+~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Kernel-specific tests skip where it cannot be built.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import idefics2.kernels as K
+from idefics2.kernels import kernel_available, kernel_status, small_batch_linear
+
+needs_kernel = pytest.mark.skipif(
+    os.environ.get("IDEFICS2_DISABLE_KERNELS", "") not in ("", "0") or not kernel_available(),
+    reason=f"compiled kernel unavailable: {kernel_status()}",
+)
+
+BATCHES = [1, 2, 3, 4, 7, 8, 16]
+
+
+def _data(b: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0):
+    """Unit-scale outputs: x ~ N(0, 1), W ~ N(0, 1/k)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, k, generator=g)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    bb = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, w, bb
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into the compiled op (or into _ops() where the kernel is unavailable)."""
+    calls = []
+    real = K._ops
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(K, "_ops", counting)
+    return calls
+
+
+@needs_kernel
+def test_status_names_the_isa():
+    assert kernel_status().startswith("compiled (")
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("b", BATCHES)
+def test_fp32_matches_f_linear(b, bias, kernel_calls):
+    x, w, bb = _data(b, 37, 1000, torch.float32, bias)
+    y = small_batch_linear(x, w, bb)
+    assert kernel_calls, "the kernel was not used"
+    assert y.dtype == torch.float32 and y.shape == (b, 37)
+    torch.testing.assert_close(y, F.linear(x, w, bb), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("b", BATCHES)
+def test_bf16_matches_fp32_reference(b, bias):
+    x, w, bb = _data(b, 37, 1000, torch.bfloat16, bias)
+    xb = x.bfloat16()
+    y = small_batch_linear(xb, w, bb)
+    assert y.dtype == torch.bfloat16 and y.shape == (b, 37)
+    ref = F.linear(xb.float(), w.float(), bb.float() if bias else None)
+    # fp32 accumulation of exact bf16 products: only the final rounding to bf16 (2^-8 relative) differs
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=8e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("b", [1, 5, 16])
+def test_fp32_activations_bf16_weight(b, bias):
+    x, w, bb = _data(b, 37, 1000, torch.bfloat16, bias)
+    y = small_batch_linear(x, w, bb)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w.float(), bb.float() if bias else None), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,b", [(517, 1040, 16), (1030, 512, 9), (3, 7, 2), (64, 1024, 6)])
+def test_other_shapes(n, k, b, dtype):
+    """Several threads, several batch chunks, K with and without a tail."""
+    x, w, bb = _data(b, n, k, dtype, bias=True, seed=1)
+    x = x.to(dtype)
+    ref = F.linear(x.float(), w.float(), bb.float())
+    tol = 1e-4 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(small_batch_linear(x, w, bb).float(), ref, rtol=tol, atol=tol)
+
+
+@needs_kernel
+def test_3d_input_and_inference_mode(kernel_calls):
+    x, w, bb = _data(6, 37, 1000, torch.float32, bias=True)
+    x3 = x.reshape(2, 3, 1000)
+    with torch.inference_mode():
+        y = small_batch_linear(x3, w, bb)
+    assert kernel_calls and y.shape == (2, 3, 37)
+    torch.testing.assert_close(y, F.linear(x3, w, bb), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_threads_respected():
+    x, w, _ = _data(8, 300, 1000, torch.float32, bias=False)
+    ref = F.linear(x, w)
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(small_batch_linear(x, w), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---- dispatch rules: these hold with or without the compiled kernel ------------------------------------
+
+
+def test_more_than_16_rows_uses_f_linear(kernel_calls):
+    x, w, bb = _data(17, 37, 1000, torch.float32, bias=True)
+    y = small_batch_linear(x, w, bb)
+    assert not kernel_calls
+    assert torch.equal(y, F.linear(x, w, bb))
+    x3 = x[:8].reshape(1, 8, 1000).expand(3, 8, 1000)  # 24 rows
+    assert torch.equal(small_batch_linear(x3, w), F.linear(x3, w))
+
+
+def test_non_contiguous_weight_uses_f_linear(kernel_calls):
+    x, w, _ = _data(4, 37, 1000, torch.float32, bias=False)
+    wt = w.t().contiguous().t()  # same values, column-major
+    assert not wt.is_contiguous()
+    y = small_batch_linear(x, wt)
+    assert not kernel_calls
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_dtypes_and_autograd_use_f_linear(kernel_calls):
+    x, w, bb = _data(2, 37, 1000, torch.float64, bias=True)
+    x = x.double()
+    assert torch.equal(small_batch_linear(x, w, bb), F.linear(x, w, bb))
+    x, w, bb = _data(2, 37, 1000, torch.float32, bias=True)
+    w.requires_grad_(True)
+    y = small_batch_linear(x, w, bb)
+    y.sum().backward()  # the kernel has no backward: F.linear must have been used
+    assert not kernel_calls and w.grad is not None
+
+
+def test_mismatched_dtypes_raise_like_f_linear():
+    x, w, _ = _data(2, 37, 1000, torch.float32, bias=False)
+    with pytest.raises(RuntimeError):
+        small_batch_linear(x.bfloat16(), w)  # bf16 x with fp32 weight: F.linear refuses too
+
+
+def test_missing_ninja_is_reported(monkeypatch):
+    monkeypatch.delenv("IDEFICS2_DISABLE_KERNELS", raising=False)
+    monkeypatch.setattr(K.shutil, "which", lambda _name: None)
+    monkeypatch.setitem(sys.modules, "ninja", None)  # makes `import ninja` fail
+    op, status = K._build()
+    assert op is None and "ninja" in status
+
+
+def test_disable_env_falls_back_to_f_linear():
+    code = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F, warnings
+        warnings.simplefilter("error")  # disabling on purpose must not warn
+        from idefics2.kernels import kernel_available, kernel_status, small_batch_linear
+        x, w, b = torch.randn(3, 100), torch.randn(37, 100), torch.randn(37)
+        assert torch.equal(small_batch_linear(x, w, b), F.linear(x, w, b))
+        xb, wb = x.bfloat16(), w.bfloat16()
+        assert torch.equal(small_batch_linear(xb, wb), F.linear(xb, wb))
+        assert torch.equal(small_batch_linear(x, wb), F.linear(x, wb.float()))
+        assert not kernel_available()
+        print(kernel_status())
+        """
+    )
+    env = dict(os.environ, IDEFICS2_DISABLE_KERNELS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IDEFICS2_DISABLE_KERNELS" in out.stdout
