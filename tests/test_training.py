@@ -344,7 +344,7 @@ def _env() -> dict[str, str]:
 
 
 def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_path):
-    common = ["--model", tiny_dir, "--train", data_file, "--batch-size", "2", "--max-steps", "16",
+    common = ["--model", tiny_dir, "--train", data_file, "--batch-size", "2", "--max-steps", "12",
               "--learning-rate", "5e-3", "--warmup-steps", "3", "--save-steps", "2", "--save-total-limit", "2",
               "--threads", "1", "--no-progress", "--gradient-accumulation-steps", "2", "--max-length", "512"]
     # LoRA dropout 0.1 draws random numbers every step: the RNG state must be restored too.
@@ -355,14 +355,14 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_pat
     metrics = killed_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:
-        if metrics.exists() and max(losses(metrics), default=0) >= 5:
+        if metrics.exists() and max(losses(metrics), default=0) >= 4:
             break
         time.sleep(0.02)
     assert victim.poll() is None, "the run finished before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = max(losses(metrics))
-    assert 5 <= killed_at < 16
+    assert 4 <= killed_at < 12
     checkpoints = sorted(int(p.name.split("-")[1]) for p in killed_dir.glob("checkpoint-*") if p.name[-1].isdigit())
     assert checkpoints and checkpoints[-1] <= killed_at
     resumed = subprocess.run(_cli(*common, "--output", str(killed_dir), "--resume"), env=_env(),
@@ -372,8 +372,8 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_pat
     _, err = reference.communicate(timeout=180)
     assert reference.returncode == 0, err
     straight, after = losses(tmp_path / "straight" / "metrics.jsonl"), losses(metrics)
-    assert sorted(after) == list(range(1, 17))
-    for step in range(1, 17):
+    assert sorted(after) == list(range(1, 13))
+    for step in range(1, 13):
         assert abs(after[step] - straight[step]) <= 1e-6, (step, after[step], straight[step])
     with open(killed_dir / "metrics.jsonl") as handle:
         resumed_steps = [json.loads(line)["step"] for line in handle if line.endswith("}\n")][killed_at:]

@@ -208,8 +208,9 @@ class Trainer:
         if cfg.method == "full" and self.resume_dir:
             source = self.resume_dir  # full checkpoints are complete model directories
         model = Idefics2ForConditionalGeneration.from_pretrained(source, dtype=dtype)
-        for p in model.parameters():  # weights are mmap views of the file: training needs private memory
-            p.data = p.data.clone()
+        if cfg.method == "full":  # weights are copy-on-write views of the file: give trained ones their memory
+            for p in model.parameters():
+                p.data = p.data.clone()
         model.train()
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
