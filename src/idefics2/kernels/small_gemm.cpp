@@ -6,6 +6,8 @@
 //   * R weight rows are processed together (R sequential streams, R x BC independent accumulators);
 //   * K is cut into blocks small enough that the R row slices and the x slice stay in L1: the first
 //     batch chunk pulls the W slice from memory, the other batch chunks re-read it from L1;
+//   * each row group prefetches the next group's rows as it goes: the hardware prefetcher alone stalls
+//     at every jump from one group of short rows to the next;
 //   * bf16 weights are widened to fp32 in registers (a bf16 is the top 16 bits of an fp32), and all
 //     accumulation is fp32.
 // Compiled with -march=native: an AVX-512 path, an AVX2 path, and a plain C++ fallback.
@@ -25,16 +27,12 @@
 #include <immintrin.h>
 #endif
 
-#ifndef KBLOCK
-#define KBLOCK 256
-#endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
-
 namespace {
 
 constexpr int kMaxB = 16;
+// K block when the batch takes several passes: R weight rows + up to 16 x rows of 256 floats = 20 KB,
+// which stays in L1 between the passes.
+constexpr int64_t kBlock = 256;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -66,7 +64,7 @@ struct Simd {
     v[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), PF_HINT); }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
 #elif defined(__AVX2__)
@@ -84,7 +82,7 @@ struct Simd {
     v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), PF_HINT); }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -180,15 +178,23 @@ PackedX pack_x(const float* x, int64_t B, int64_t K) {
   px.kvec = K - K % S;
   // One chunk covers the batch: nothing is re-read, the block can be all of K. Otherwise R weight rows
   // and the block's x rows (up to 16 x 256 x 4 = 16 KB) must stay in the 32-48 KB L1.
-  px.kblock = B <= Simd::kChunk ? std::max<int64_t>(px.kvec, S) : KBLOCK;
+  px.kblock = B <= Simd::kChunk ? std::max<int64_t>(px.kvec, S) : kBlock;
   px.packed.resize(static_cast<size_t>(B * px.kvec));
   float* out = px.packed.data();
   for (int64_t k0 = 0; k0 < px.kvec; k0 += px.kblock) {
     const int64_t len = std::min(px.kblock, px.kvec - k0);
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < B; ++b, out += len) {
+      const float* src = x + b * K + k0;
+      if (P == 1) {
+        std::memcpy(out, src, static_cast<size_t>(len) * sizeof(float));
+        continue;
+      }
       for (int64_t s = 0; s < len; s += S)
-        for (int p = 0; p < P; ++p)
-          for (int l = 0; l < Simd::kLanes; ++l) *out++ = x[b * K + k0 + s + l * P + p];
+        for (int l = 0; l < Simd::kLanes; ++l) {
+          out[s + l] = src[s + 2 * l];
+          out[s + Simd::kLanes + l] = src[s + 2 * l + 1];
+        }
+    }
   }
   return px;
 }
