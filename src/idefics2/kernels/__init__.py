@@ -58,7 +58,10 @@ def _build() -> tuple[object | None, str]:
         cpp_extension.load(
             name=f"idefics2_small_gemm_{_cpu_tag()}",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
+            # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the kernel
+            # runs serially. The extension then shares the libgomp.so.1 that torch has already loaded.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
