@@ -1,8 +1,8 @@
 """Compiled CPU kernels, built on first use with torch.utils.cpp_extension (needs ninja and a C++ compiler).
 
 `small_batch_linear(x, weight, bias)` is F.linear for decoding: at <= 16 rows it streams the weight once
-at close to memory bandwidth (fp32 or bf16 weights, fp32 accumulation), where MKL/oneDNN reach about half
-of it. When the kernel cannot be used (build impossible, IDEFICS2_DISABLE_KERNELS=1, other devices,
+at close to memory bandwidth (fp32 or bf16 weights, fp32 accumulation), where MKL/oneDNN fall well below
+it (fp32 at 4-16 rows, bf16 at every size). fp32 at 1-2 rows stays with F.linear (MKL gemv is as fast). When the kernel cannot be used (build impossible, IDEFICS2_DISABLE_KERNELS=1, other devices,
 dtypes or shapes, autograd) it is exactly F.linear; `kernel_available()` / `kernel_status()` say why.
 """
 
@@ -20,9 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "kernel_available", "kernel_status", "small_batch_linear"]
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "kernel_available", "kernel_status", "small_batch_linear"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
+# fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
+# the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
+FP32_MIN_ROWS = 3
 _SOURCE = Path(__file__).with_name("small_gemm.cpp")
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
@@ -103,7 +106,10 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return False
     if not (x.dtype == weight.dtype or (x.dtype == torch.float32 and weight.dtype == torch.bfloat16)):
         return False
-    if x.shape[-1] != weight.shape[1] or math.prod(x.shape[:-1]) > MAX_ROWS:
+    rows = math.prod(x.shape[:-1])
+    if x.shape[-1] != weight.shape[1] or rows > MAX_ROWS:
+        return False
+    if weight.dtype == torch.float32 and rows < FP32_MIN_ROWS:
         return False
     if bias is not None and (
         bias.device.type != "cpu" or bias.shape != (weight.shape[0],) or bias.dtype not in (x.dtype, weight.dtype)
