@@ -386,15 +386,17 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
     from safetensors.torch import load_file
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # Adam turns rounding-level gradient differences of near-zero gradients into differences of order lr, so
+    # a small lr keeps the comparison at 1e-5 meaningful (parameters still move ~3e-4).
     args = ["--model", tiny_dir, "--train", data_file, "--method", "full", "--max-steps", "3", "--learning-rate",
-            "1e-3", "--no-progress", "--max-length", "512", "--freeze", "vision"]
+            "1e-4", "--no-progress", "--max-length", "512", "--freeze", "vision"]
     run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "idefics2.training",
                           "finetune", *args, "--batch-size", "1", "--output", str(tmp_path / "ddp")],
                          env=_env(), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stderr
     Trainer(run_config(tiny_dir, data_file, tmp_path / "one", method="full", batch_size=2, max_steps=3,
-                       learning_rate=1e-3, freeze=["vision"])).train()
+                       learning_rate=1e-4, freeze=["vision"])).train()
     ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     base = load_file(os.path.join(tiny_dir, "model.safetensors"))
     assert ddp.keys() == one.keys()

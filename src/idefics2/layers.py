@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import small_batch_linear
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
@@ -34,14 +36,23 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(input_dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose small-batch calls (decoding: <= 16 rows, no autograd) go through the streaming kernel
+    of `idefics2.kernels`, which reads the weight once at close to memory bandwidth; everything else, and
+    every machine where the kernel cannot be built, is exactly F.linear. Same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return small_batch_linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x)); no biases (connector and Mistral)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, output_size: int, hidden_act: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, output_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, output_size, bias=False)
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from .cache import KVCache, SlotKVCache
 from .config import ATTENTION_IMPLEMENTATIONS, Idefics2Config
 from .connector import Idefics2Connector, Idefics2PerceiverAttention
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .outputs import Idefics2CausalLMOutput, Idefics2ModelOutput
 from .text import MistralAttention, MistralModel, RotaryEmbedding
 from .vision import Idefics2VisionAttention, Idefics2VisionTransformer
@@ -355,7 +355,7 @@ class Idefics2ForConditionalGeneration(Idefics2PreTrainedModel):
         super().__init__()
         self.config = config
         self.model = Idefics2Model(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if not self.lm_head.weight.is_meta:
             nn.init.normal_(self.lm_head.weight, std=config.text_config.initializer_range)
         self.generation_config = None

@@ -7,7 +7,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import MistralTextConfig
-from .layers import GatedMLP, RMSNorm, attention
+from .layers import GatedMLP, Linear, RMSNorm, attention
 
 
 class RotaryEmbedding(nn.Module):
@@ -103,10 +103,10 @@ class MistralAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
 
     def forward(
         self,
