@@ -122,3 +122,28 @@ def test_demo_runs_on_a_fresh_cache(tmp_path):
                             text=True, timeout=300, env={**ENV, "IDEFICS2_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert "assistant>" in result.stdout and "tokens/s" in result.stderr
+
+
+def test_json_schema_in_generate_and_batch(tiny, images, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = idefics2("generate", "--model", tiny, "--prompt", "Count.", "--json-schema", tmp_path / "schema.json",
+                      "--max-new-tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout.strip())) == {"n"}
+    other = {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 2}
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(x) for x in [
+        {"id": "global", "prompt": "Count."},
+        {"id": "own", "prompt": "List.", "json_schema": other},
+    ]) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    result = idefics2("batch", "--model", tiny, "--input", requests, "--output", answers, "--max-new-tokens", "30",
+                      "--json-schema", tmp_path / "schema.json", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    by_id = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())}
+    assert set(json.loads(by_id["global"]["answer"])) == {"n"}
+    assert set(json.loads(by_id["own"]["answer"])) <= {"a", "b"}
+    bad = idefics2("generate", "--model", tiny, "--prompt", "x", "--json-schema", tmp_path / "missing.json")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
