@@ -92,3 +92,14 @@ def small_tokenizer_dir(tmp_path_factory) -> str:
         "size": {"shortest_edge": 378, "longest_edge": 980},
     }))
     return str(directory)
+
+
+def tiny_pipeline(path):
+    """A tiny random checkpoint with the real processor files at `path`, loaded as a pipeline."""
+    from idefics2.cli import copy_processor_files
+    from idefics2.pipeline import pipeline
+    from idefics2.presets import write_random_checkpoint
+
+    write_random_checkpoint("tiny", path)
+    copy_processor_files(str(path))
+    return pipeline(path)

@@ -2,20 +2,15 @@
 
 import pytest
 import torch
+from conftest import tiny_pipeline
 from PIL import Image
 
 from idefics2 import TextStreamer
-from idefics2.cli import copy_processor_files
-from idefics2.pipeline import pipeline
-from idefics2.presets import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ask(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint("tiny", path)
-    copy_processor_files(str(path))
-    runner = pipeline(path)
+    runner = tiny_pipeline(tmp_path_factory.mktemp("tiny"))
     runner.processor.image_processor.do_image_splitting = False
     return runner
 

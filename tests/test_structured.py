@@ -6,10 +6,8 @@ import re
 import jsonschema
 import pytest
 import torch
+from conftest import tiny_pipeline
 
-from idefics2.cli import copy_processor_files
-from idefics2.pipeline import pipeline
-from idefics2.presets import write_random_checkpoint
 from idefics2.structured import ConstraintError
 
 SCHEMAS = {
@@ -41,10 +39,7 @@ SCHEMAS = {
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint("tiny", path)
-    copy_processor_files(str(path))
-    runner = pipeline(path)
+    runner = tiny_pipeline(tmp_path_factory.mktemp("tiny"))
     return runner.model, runner.processor
 
 
