@@ -1,0 +1,140 @@
+"""Quantized decoding on the CPU: speed, memory, load time and accuracy, ours vs transformers, in one run.
+
+    python benchmarks/quantization.py [--preset medium] [--batches 1,8] [--steps 16]
+
+On one random `--preset` checkpoint: decode time per step (KV cache of a 100-token prompt) at each batch size for
+our bf16, int8, int4 and bitsandbytes nf4, and transformers' bf16 and bnb nf4; peak RSS of each load (each in
+its own subprocess, above the interpreter's baseline; loading from a float32 checkpoint reads it all, so the
+quantized checkpoints' own loads show the quantized footprint); load time of an int8 / int4 checkpoint written by
+`idefics2 quantize`; and accuracy against our bf16 model on random prompts: relative logit error and greedy top-1
+agreement, overall and on the positions whose bf16 top-1/top-2 margin is in the upper half (a random model's
+logits are nearly flat, so low-margin positions flip even between bf16 and fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, sys, time, torch
+which, path, batches, steps = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4])
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+if which.startswith("transformers"):
+    import transformers as T
+    kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
+    if which.endswith("nf4"):
+        kwargs["quantization_config"] = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["model.vision_model", "model.connector", "lm_head"])
+    Model = T.Idefics2ForConditionalGeneration
+else:
+    import idefics2 as I
+    kwargs = {"dtype": torch.bfloat16}
+    if which in ("int8", "int4"):
+        kwargs["quantize"] = which
+    elif which == "nf4":
+        kwargs["quantization_config"] = I.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_compute_dtype=torch.bfloat16)
+    Model = I.Idefics2ForConditionalGeneration
+base = status_kib("VmRSS")
+t = time.perf_counter()
+model = Model.from_pretrained(path, **kwargs).eval()
+load_s = time.perf_counter() - t
+results = {"load_s": load_s}
+with torch.inference_mode():
+    for b in batches:
+        out = model(input_ids=torch.randint(3, 30000, (b, 100)), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "past_key_values", None) or out.cache
+        tok = torch.randint(3, 30000, (b, 1))
+        mask = torch.ones(b, 100 + steps + 2, dtype=torch.long)
+        length = 100
+        times = []
+        for i in range(steps + 2):
+            length += 1
+            t = time.perf_counter()
+            out = model(input_ids=tok, attention_mask=mask[:, :length], past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+            cache = getattr(out, "past_key_values", None) or out.cache
+        results[f"step_ms_b{b}"] = 1e3 * sorted(times[2:])[len(times[2:]) // 2]
+results["rss_mib"] = (status_kib("VmHWM") - base) / 1024
+print(json.dumps(results))
+"""
+
+
+def run(which: str, path: str, batches: str, steps: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, which, path, batches, str(steps)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def accuracy(path: str, n_prompts: int = 8, length: int = 64) -> list[tuple[str, float, float, float]]:
+    import torch
+
+    from idefics2 import Idefics2ForConditionalGeneration
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 30000, (n_prompts, length), generator=g)
+    with torch.inference_mode():
+        ref = Idefics2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)(input_ids=ids).logits.float()
+        top2 = ref.topk(2, dim=-1).values
+        margin = (top2[..., 0] - top2[..., 1]).flatten()
+        confident = margin >= margin.median()
+        rows = []
+        for method in ("int8", "int4"):
+            model = Idefics2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, quantize=method)
+            logits = model(input_ids=ids).logits.float()
+            rel = ((logits - ref).norm() / ref.norm()).item()
+            agree = (logits.argmax(-1) == ref.argmax(-1)).flatten()
+            rows.append((method, rel, agree.float().mean().item(), agree[confident].float().mean().item()))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=16)
+    args = parser.parse_args()
+
+    from idefics2.presets import write_random_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or write_random_checkpoint(args.preset, os.path.join(tmp, "ckpt"))
+        batches = [int(b) for b in args.batches.split(",")]
+        names = ["bf16", "int8", "int4", "nf4", "transformers-bf16", "transformers-nf4"]
+        results = {name: run(name, path, args.batches, args.steps) for name in names}
+        header = "".join(f"{'step ms b' + str(b):>14}" for b in batches)
+        print(f"{'':20}{header}{'peak RSS MiB':>14}{'vs bf16':>9}")
+        base = results["bf16"]
+        for name in names:
+            r = results[name]
+            if "error" in r:
+                print(f"{name:20}  failed: {r['error']}")
+                continue
+            cells = "".join(f"{r[f'step_ms_b{b}']:>14.1f}" for b in batches)
+            speed = " ".join(f"{base[f'step_ms_b{b}'] / r[f'step_ms_b{b}']:.2f}x" for b in batches)
+            print(f"{name:20}{cells}{r['rss_mib']:>14.0f}   speed vs our bf16: {speed}")
+        for method in ("int8", "int4"):
+            out = os.path.join(tmp, method)
+            subprocess.run([sys.executable, "-m", "idefics2", "quantize", "--model", path, "--method", method,
+                            "--output", out], check=True, capture_output=True)
+            loaded = run("ours-prequantized", out, "1", 2)  # a quantized checkpoint loads as stored
+            print(f"{method} checkpoint: load {loaded.get('load_s', float('nan')):.2f} s (float checkpoint + "
+                  f"quantize at load: {results[method]['load_s']:.2f} s), peak RSS {loaded.get('rss_mib', 0):.0f} "
+                  f"MiB vs {results['bf16']['rss_mib']:.0f} MiB for bf16 from the float checkpoint")
+        for method, rel, top1, top1_confident in accuracy(path):
+            print(f"{method}: relative logit error {rel:.4f}, top-1 agreement {top1:.3f} "
+                  f"({top1_confident:.3f} on the upper-half-margin positions)")
+
+
+if __name__ == "__main__":
+    main()
