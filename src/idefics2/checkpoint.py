@@ -169,7 +169,7 @@ _SPLIT_EMBEDDINGS = {
 }
 
 
-def normalize_key(name: str, full_model: bool) -> str | None:
+def normalize_key(name: str) -> str | None:
     """Map a checkpoint key to this package's name for the full model (`model.` prefix); None = ignore."""
     if name.endswith((".inv_freq", ".original_inv_freq")):
         return None  # recomputed buffers written by old versions
@@ -186,7 +186,7 @@ def collect_state_dict(directory: str) -> tuple[dict[str, torch.Tensor], dict[st
     origin: dict[str, str] = {}
     extra_rows: dict[str, torch.Tensor] = {}
     for raw_name, tensor, path in iter_checkpoint_tensors(directory):
-        name = normalize_key(raw_name, True)
+        name = normalize_key(raw_name)
         if name is None:
             continue
         if name in _SPLIT_EMBEDDINGS:
