@@ -95,7 +95,7 @@ class TimedStreamer:
         self.token_times: list[float] = []
 
     def put(self, value) -> None:
-        if self.inner._seen_prompt:
+        if self.inner.prompt_seen:
             self.token_times.append(time.perf_counter())
         self.inner.put(value)
 

@@ -38,6 +38,11 @@ class TextStreamer:
         self._printed = 0
         self._seen_prompt = False
 
+    @property
+    def prompt_seen(self) -> bool:
+        """True once the prompt (the first `put`) has arrived: later puts are generated tokens."""
+        return self._seen_prompt
+
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] > 1:
             raise ValueError("TextStreamer streams one sequence; generate with batch size 1")
