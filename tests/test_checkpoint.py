@@ -175,8 +175,27 @@ def test_unsupported_options_are_clear_errors(ref_dir):
     with pytest.raises(NotImplementedError, match="quantization_config"):
         Idefics2ForConditionalGeneration.from_pretrained(ref_dir, quantization_config=object())
     with pytest.raises(NotImplementedError, match="device_map with several devices"):
-        Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map={"model": "cpu", "lm_head": "disk"})
+        Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map={"model": "cpu", "lm_head": "cuda:0"})
     with pytest.raises(ValueError, match="dtype='int3'"):
         Idefics2ForConditionalGeneration.from_pretrained(ref_dir, dtype="int3")
     model = Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map="auto", dtype="auto")
     assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_device_map_dicts_place_every_parameter_and_impossible_placements_fail_early(ref_dir, monkeypatch):
+    placement = {"model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu", "lm_head": "disk"}
+    model = Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map=placement)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with pytest.raises(ValueError, match="leaves parameters without a device: lm_head.weight"):
+        Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map={"model": "cpu"})
+    with pytest.raises(ValueError, match="does not have: \\['model.decoder'\\]"):
+        Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map={"": "cpu", "model.decoder": "cpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"no CUDA device.*weights need .* GiB in float32; try quantize='int8'"):
+            Idefics2ForConditionalGeneration.from_pretrained(ref_dir, device_map={"": "cuda"})
+    import idefics2.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
+    with pytest.raises(MemoryError, match=r"needs .* GiB but 0.0 GiB are available; .*quantize='int8'"):
+        Idefics2ForConditionalGeneration.from_pretrained(ref_dir, dtype=torch.bfloat16)
+    Idefics2ForConditionalGeneration.from_pretrained(ref_dir)  # no conversion: the mapped files are enough

@@ -217,32 +217,81 @@ def parse_dtype(dtype: Any, config: Idefics2Config, state: dict[str, torch.Tenso
     raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def placement_advice(config: Idefics2Config, dtype: torch.dtype) -> str:
+    """The memory the weights need, and what to try instead."""
+    from .memory import weight_bytes
+
+    gib = 2**30
+    return (f"the weights need {weight_bytes(config, dtype) / gib:.1f} GiB in {str(dtype).removeprefix('torch.')}; "
+            f"try quantize='int8' ({weight_bytes(config, dtype, 'int8') / gib:.1f} GiB) or 'int4' "
+            f"({weight_bytes(config, dtype, 'int4') / gib:.1f} GiB), or keep the checkpoint's dtype on the CPU "
+            "(device_map='cpu' or 'disk': the weights stay mapped from the files and are read as they are used)")
+
+
 def parse_device(device: Any, device_map: Any) -> torch.device:
+    """One compute device from `device` or `device_map` ("disk" entries mean: the CPU, memory-mapped)."""
     if device is not None and device_map is not None:
         raise ValueError("Pass either device or device_map, not both")
     target = device if device is not None else device_map
     if target is None:
         return torch.device("cpu")
     if isinstance(target, dict):
-        devices = set(target.values())
+        # This loader always maps the files: "disk" offload is the CPU with pages read on use.
+        devices = {"cpu" if value == "disk" else value for value in target.values()}
         if len(devices) == 1:
             target = devices.pop()
         else:
             raise NotImplementedError(
                 f"device_map with several devices ({sorted(map(str, devices))}) is not supported yet; "
-                "pass a single device such as 'cpu' or 'cuda'"
+                "pass a single device such as 'cpu' or 'cuda' (or 'disk')"
             )
     if target == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if target == "disk":
+        return torch.device("cpu")
     if isinstance(target, int):
         return torch.device("cuda", target)
     try:
-        result = torch.device(target)
+        return torch.device(target)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={target!r} is not a valid device") from e
-    if result.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={target!r} asks for CUDA but no CUDA device is available")
-    return result
+
+
+def check_placement(device: torch.device, device_map: Any, model, config: Idefics2Config, dtype: torch.dtype,
+                    converts: bool) -> None:
+    """Fail before reading any weight when the placement cannot work, with the estimate and what to try."""
+    if isinstance(device_map, dict):
+        names = {name for name, _ in model.named_modules()}
+        unknown = [key for key in device_map if key and key not in names]
+        if unknown:
+            raise ValueError(f"device_map names modules the model does not have: {unknown}")
+        uncovered = [n for n, _ in model.named_parameters()
+                     if not any(k == "" or n == k or n.startswith(k + ".") for k in device_map)]
+        if uncovered:
+            raise ValueError(f"device_map leaves parameters without a device: {_describe(uncovered)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asks for CUDA but no CUDA device is available; "
+                         + placement_advice(config, dtype))
+    if device.type == "cpu" and converts:
+        from .memory import weight_bytes
+
+        needed, available = weight_bytes(config, dtype), available_memory()
+        if available is not None and needed > available:
+            raise MemoryError(f"converting the weights to {str(dtype).removeprefix('torch.')} needs "
+                              f"{needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are available; "
+                              + placement_advice(config, dtype))
 
 
 def _describe(names: list[str], limit: int = 8) -> str:
@@ -350,6 +399,9 @@ def load_pretrained(
     for name in bnb_names:  # rebuilt by bitsandbytes from the popped tensors below
         expected.pop(f"{name.removeprefix(prefix)}.weight", None)
 
+    converts = any(t.is_floating_point() and t.dtype != target_dtype for t in state.values())
+    check_placement(target_device, device_map, model, config, target_dtype,
+                    converts and quantize is None and bnb_config is None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
