@@ -361,7 +361,8 @@ class Idefics2ForConditionalGeneration(Idefics2PreTrainedModel):
         self.generation_config = None
         self.tie_weights()
 
-    def tie_weights(self) -> None:  # noqa: D102
+    def tie_weights(self) -> None:
+        """Share lm_head's weight with the input embeddings when the config asks for it."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.text_model.embed_tokens.weight
 

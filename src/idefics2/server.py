@@ -254,14 +254,13 @@ class Service:
         fmt = params.response_format
         if fmt is None or fmt.type == "text":
             return None
-        if fmt.type == "json_schema":
-            if fmt.json_schema is None:
-                raise APIError(400, "response_format type 'json_schema' needs a json_schema object with a schema")
-            make = lambda: Constraint.json_schema(fmt.json_schema.schema_)  # noqa: E731
-        else:
-            make = Constraint.json_object
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise APIError(400, "response_format type 'json_schema' needs a json_schema object with a schema")
         try:
-            constraint = make()
+            if fmt.type == "json_schema":
+                constraint = Constraint.json_schema(fmt.json_schema.schema_)
+            else:
+                constraint = Constraint.json_object()
             self.engine.grammar(config).grammar(constraint)
         except ConstraintError as e:
             raise APIError(400, f"response_format: {e}") from e
