@@ -151,21 +151,13 @@ class Engine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="idefics2-engine", daemon=True)
         self._started = False
-        self._running = threading.Event()
 
     # ---- public ------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
-        """Run the engine loop in a background thread (tests, embedding); see `run` for the fast way."""
         if not self._started:
             self._started = True
             self._thread.start()
         return self
-
-    def run(self) -> None:
-        """Run the engine loop in the calling thread until `shutdown`. torch ops issued from the main thread
-        run markedly faster here than from a worker thread (OpenMP thread teams), so the server does this."""
-        self._started = True
-        self._loop()
 
     @property
     def queue_depth(self) -> int:
@@ -202,7 +194,7 @@ class Engine:
             row.request.cancel()
         while not self.pending.empty():
             self._finish_unadmitted(self.pending.get_nowait(), "cancelled")
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if self._started:
             self._thread.join(timeout=5.0)
 
     # ---- engine thread -----------------------------------------------------------------------------------------

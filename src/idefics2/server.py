@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 import urllib.request
 import uuid
@@ -176,10 +174,8 @@ class Service:
         self.ready = False
         self.http_requests = 0
 
-    def start(self, background: bool = True) -> None:
-        """Start the engine in a background thread; with background=False the caller runs `engine.run()`."""
-        if background:
-            self.engine.start()
+    def start(self) -> None:
+        self.engine.start()
         self.ready = True
 
     # Prompt building ---------------------------------------------------------------------------------------------
@@ -551,28 +547,9 @@ def serve(args) -> int:
         allow_local_media=args.allow_local_media, allow_remote_media=args.allow_remote_media,
     )
     service = Service(model, processor, settings)
-    service.start(background=False)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(settings.shutdown_timeout)))
-
-    # The engine loop owns the main thread (torch is much faster there); HTTP runs in a thread. uvicorn installs
-    # signal handlers only on the main thread, so SIGTERM / SIGINT are ours: stop serving gracefully, and the
-    # lifespan shutdown lets running requests finish, which ends the engine loop.
-    def stop(signum, frame) -> None:
-        server.should_exit = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    def serve_http() -> None:
-        try:
-            server.run()
-        finally:  # also when the server could not start (port in use): end the engine loop too
-            service.engine.shutdown(settings.shutdown_timeout)
-
-    http = threading.Thread(target=serve_http, name="idefics2-http", daemon=True)
-    http.start()
+    service.start()
     log.info("serving %s on http://%s:%d (batch %d, queue %d)", settings.model_name, args.host, args.port,
              settings.max_batch_size, settings.max_queue)
-    service.engine.run()
-    http.join(timeout=settings.shutdown_timeout + 10)
-    return 0 if server.started else 1  # not started: uvicorn said why (e.g. the port is in use)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=int(settings.shutdown_timeout))
+    return 0
