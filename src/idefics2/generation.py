@@ -289,14 +289,7 @@ def generate(
         features, counts = model.model.get_image_features(
             pixel_values.to(device), None if pixel_attention_mask is None else pixel_attention_mask.to(device)
         )
-        tokens = (input_ids == model.config.image_token_id).sum(dim=1)
-        bad = (tokens != counts.to(device) * model.config.image_seq_len).nonzero().flatten().tolist()
-        if bad:
-            b = bad[0]
-            raise ValueError(
-                f"Image features and image tokens do not match in sample {b}: {int(tokens[b])} image tokens, "
-                f"{int(counts[b])} image(s) x {model.config.image_seq_len} latents"
-            )
+        model.model.check_image_tokens(input_ids, counts)  # prefill sees the features, not the counts
     constraints = constraints_for_rows(input_ids.shape[0], **grammar_kwargs)
     if config.num_beams > 1 and not config.do_sample:
         if constraints:

@@ -208,6 +208,22 @@ class Idefics2Model(Idefics2PreTrainedModel):
                 )
         return pixel_values, pixel_attention_mask
 
+    def check_image_tokens(self, input_ids: torch.Tensor, images_per_sample: torch.Tensor) -> None:
+        """Each sample must hold n_latents `<image>` tokens per image it has (a per-sample check: a total count
+        could let one sample's features land in another's slots)."""
+        n_latents = self.config.image_seq_len
+        tokens_per_sample = (input_ids == self.config.image_token_id).sum(dim=1)
+        expected = images_per_sample.to(tokens_per_sample.device) * n_latents
+        bad = (tokens_per_sample != expected).nonzero().flatten().tolist()
+        if bad:
+            b = bad[0]
+            raise ValueError(
+                f"Image features and image tokens do not match in sample {b}: input_ids has "
+                f"{int(tokens_per_sample[b])} image tokens (id {self.config.image_token_id}) but the sample has "
+                f"{int(images_per_sample[b])} image(s) x {n_latents} latents = {int(expected[b])}. Build prompts "
+                "with the processor, which expands each <image> to the right number of tokens."
+            )
+
     def merge_image_features(
         self,
         input_ids: torch.Tensor,
@@ -222,16 +238,7 @@ class Idefics2Model(Idefics2PreTrainedModel):
         is_image = input_ids == self.config.image_token_id
         tokens_per_sample = is_image.sum(dim=1)
         if images_per_sample is not None:
-            expected = images_per_sample.to(tokens_per_sample.device) * n_latents
-            bad = (tokens_per_sample != expected).nonzero().flatten().tolist()
-            if bad:
-                b = bad[0]
-                raise ValueError(
-                    f"Image features and image tokens do not match in sample {b}: input_ids has "
-                    f"{int(tokens_per_sample[b])} image tokens (id {self.config.image_token_id}) but the sample has "
-                    f"{int(images_per_sample[b])} image(s) x {n_latents} latents = {int(expected[b])}. Build prompts "
-                    "with the processor, which expands each <image> to the right number of tokens."
-                )
+            self.check_image_tokens(input_ids, images_per_sample)
         elif int(tokens_per_sample.sum()) != features.shape[0]:
             raise ValueError(
                 f"Image features and image tokens do not match: input_ids has {int(tokens_per_sample.sum())} image "
