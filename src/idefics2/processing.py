@@ -404,19 +404,18 @@ def _find_chat_template(directory: str, processor_config: dict[str, Any]) -> str
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             return handle.read()
-    path = os.path.join(directory, CHAT_TEMPLATE_JSON)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            template = json.load(handle).get("chat_template")
-        if isinstance(template, str):
-            return template
-    if isinstance(processor_config.get("chat_template"), str):
-        return processor_config["chat_template"]
-    path = os.path.join(directory, TOKENIZER_CONFIG)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            template = json.load(handle).get("chat_template")
-        if isinstance(template, str):
-            return template
+    for source in (_template_in_json(os.path.join(directory, CHAT_TEMPLATE_JSON)),
+                   processor_config.get("chat_template"),
+                   _template_in_json(os.path.join(directory, TOKENIZER_CONFIG))):
+        if isinstance(source, str):
+            return source
     return None
+
+
+def _template_in_json(path: str) -> Any:
+    """The `chat_template` key of a JSON file, or None when the file does not exist."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("chat_template")
 
