@@ -55,12 +55,13 @@ def _open_bytes(data: bytes, what: str, max_image_pixels: int | None) -> PIL.Ima
     return image
 
 
-def _fetch_url(url: str, timeout: float) -> bytes:
+def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT_S, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
+    """The body of an http(s) URL, at most `max_bytes` (callers decide whether fetching is allowed)."""
     request = urllib.request.Request(url, headers={"User-Agent": "idefics2"})
     with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked)
-        data = response.read(MAX_DOWNLOAD_BYTES + 1)
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageLoadError(f"{url}: more than {MAX_DOWNLOAD_BYTES} bytes")
+        data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageLoadError(f"{url}: more than {max_bytes} bytes")
     return data
 
 
@@ -92,7 +93,7 @@ def open_image(
                 "(allow_remote_images=True on the processor) or pass a local path or a PIL image"
             )
         try:
-            data = _fetch_url(source, timeout)
+            data = fetch_url(source, timeout)
         except OSError as exc:
             raise ImageLoadError(f"could not download {source!r}: {exc}") from exc
         return _open_bytes(data, source, max_image_pixels)

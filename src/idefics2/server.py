@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -138,14 +137,12 @@ def fetch_image_bytes(url: str, settings: ServerSettings) -> bytes:
     if url.startswith(("http://", "https://")):
         if not settings.allow_remote_media:
             raise APIError(400, "http(s) image URLs are disabled (start the server with --allow-remote-media)")
+        from .media import ImageLoadError, fetch_url
+
         try:
-            with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 (opt-in)
-                data = response.read(REMOTE_MAX_BYTES + 1)
-        except OSError as e:
+            return fetch_url(url, timeout=REMOTE_TIMEOUT_S, max_bytes=REMOTE_MAX_BYTES)
+        except (OSError, ImageLoadError) as e:
             raise APIError(400, f"could not fetch image {url}: {e}") from e
-        if len(data) > REMOTE_MAX_BYTES:
-            raise APIError(400, f"image at {url} is larger than {REMOTE_MAX_BYTES} bytes")
-        return data
     raise APIError(400, "image_url must be a data: URI (or file:// / http(s):// where enabled)")
 
 
