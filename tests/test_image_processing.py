@@ -286,6 +286,10 @@ def batches(draw):
 
 def _solid(width, height, mode, value):
     if mode == "array":
+        # An (H, W, 3) array with H in 1, 3, 4 reads as channels-first (the reference's guess, which we keep);
+        # give those heights as (3, H, W) so the array means the image the test expects.
+        if height in (1, 3, 4):
+            return np.full((3, height, width), value, np.uint8)
         return np.full((height, width, 3), value, np.uint8)
     if mode == "P_transparency":
         image = Image.new("P", (width, height), value)
@@ -296,7 +300,7 @@ def _solid(width, height, mode, value):
     return Image.new(base_mode, (width, height), fill)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_property_shapes_masks_or_documented_errors(spec):
     samples, splitting, pixel_limit = spec

@@ -180,7 +180,7 @@ def test_small_tokenizer_matches_reference(small_pair):
 ALPHABET = st.sampled_from(list("ab cat dog\n\t  ") + ["<image>", "<end_of_utterance>", "<s>", "é", "😀", "日"])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(ALPHABET, max_size=20).map("".join))
 def test_property_small_tokenizer_random_text(small_pair, text):
     reference, ours = small_pair
