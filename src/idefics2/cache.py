@@ -8,6 +8,8 @@ Every position is kept; the sliding window is applied by the attention mask.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -20,11 +22,15 @@ class KVCache:
         head_dim: int,
         capacity: int,
         dtype: torch.dtype,
-        device: torch.device | str,
+        device: torch.device | str | Sequence[torch.device | str],
     ) -> None:
+        """`device`: one device, or one per layer (a decoder spread over several devices by a device_map)."""
         shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        if len(devices) != num_layers:
+            raise ValueError(f"KVCache got {len(devices)} devices for {num_layers} layers")
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.lengths = [0] * num_layers
         self.growable = True
 
@@ -71,8 +77,8 @@ class KVCache:
 
     def reorder(self, indices: torch.Tensor) -> None:
         """Select/reorder batch rows (beam search)."""
-        self.keys = [k.index_select(0, indices) for k in self.keys]
-        self.values = [v.index_select(0, indices) for v in self.values]
+        self.keys = [k.index_select(0, indices.to(k.device)) for k in self.keys]
+        self.values = [v.index_select(0, indices.to(v.device)) for v in self.values]
 
     def crop(self, length: int) -> None:
         """Forget everything after `length` tokens."""

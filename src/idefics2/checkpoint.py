@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -237,26 +238,60 @@ def placement_advice(config: Idefics2Config, dtype: torch.dtype) -> str:
     return (f"the weights need {weight_bytes(config, dtype) / gib:.1f} GiB in {str(dtype).removeprefix('torch.')}; "
             f"try quantize='int8' ({weight_bytes(config, dtype, 'int8') / gib:.1f} GiB) or 'int4' "
             f"({weight_bytes(config, dtype, 'int4') / gib:.1f} GiB), or keep the checkpoint's dtype on the CPU "
-            "(device_map='cpu' or 'disk': the weights stay mapped from the files and are read as they are used)")
+            "(device_map='cpu' or 'disk': the weights stay mapped from the files and are read as they are used), "
+            "or put some modules on 'cpu' or 'disk' in a device_map dict")
+
+
+_DEVICE_CHOICES = "use 'cpu', 'disk', 'cuda', 'cuda:N', 'mps' or a GPU index"
+
+
+def _map_value(key: Any, value: Any) -> str:
+    """One device_map dict value as 'cpu', 'disk', 'mps', 'cuda' or 'cuda:N'."""
+    if not isinstance(key, str):
+        raise ValueError(f"device_map keys are module names (str); got {key!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return f"cuda:{value}"
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, str):
+        if value == "disk":
+            return value
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is not None and device.type in ("cpu", "cuda", "mps"):
+            return "cpu" if device.type == "cpu" else str(device)
+    raise ValueError(f"device_map[{key!r}] = {value!r} is not a device; {_DEVICE_CHOICES}")
+
+
+def normalize_device_map(device_map: dict) -> dict[str, str]:
+    """A device_map dict with every value checked and spelled 'cpu', 'disk', 'mps', 'cuda' or 'cuda:N'."""
+    if not device_map:
+        raise ValueError("device_map is an empty dict; map module names to devices, e.g. {'': 'cpu'}")
+    return {key: _map_value(key, value) for key, value in device_map.items()}
+
+
+def spreads_devices(device_map: Any) -> bool:
+    """Whether `device_map` is a dict naming more than one place ('cpu' and 'disk' count as two)."""
+    return isinstance(device_map, dict) and len(set(normalize_device_map(device_map).values())) > 1
 
 
 def parse_device(device: Any, device_map: Any) -> torch.device:
-    """One compute device from `device` or `device_map` ("disk" entries mean: the CPU, memory-mapped)."""
+    """The compute device of `device` or `device_map`; for a dict spreading the model over several places, the
+    main device: the first GPU it names (inputs go there, results come back there), else the CPU.
+    ("disk" means: the CPU, with the weights left mapped from the files.)"""
     if device is not None and device_map is not None:
         raise ValueError("Pass either device or device_map, not both")
+    if isinstance(device, dict):
+        raise ValueError("a dict of module names to devices goes in device_map=, not device=")
     target = device if device is not None else device_map
     if target is None:
         return torch.device("cpu")
     if isinstance(target, dict):
-        # This loader always maps the files: "disk" offload is the CPU with pages read on use.
-        devices = {"cpu" if value == "disk" else value for value in target.values()}
-        if len(devices) == 1:
-            target = devices.pop()
-        else:
-            raise NotImplementedError(
-                f"device_map with several devices ({sorted(map(str, devices))}) is not supported yet; "
-                "pass a single device such as 'cpu' or 'cuda' (or 'disk')"
-            )
+        from .dispatch import main_device
+
+        return main_device(normalize_device_map(target))
     if target == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if target == "disk":
@@ -269,29 +304,113 @@ def parse_device(device: Any, device_map: Any) -> torch.device:
         raise ValueError(f"device={target!r} is not a valid device") from e
 
 
+def _device_problem(where: str, value: str) -> str | None:
+    """Why `value` ('cuda:1', 'mps', ...) cannot be used here, or None."""
+    device = torch.device(value) if value != "disk" else torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{where} asks for CUDA but no CUDA device is available"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{where} asks for {value} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{where} asks for MPS but it is not available"
+    return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new weights on `device` (a GPU's free memory, the CPU's available memory), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return available_memory()
+    return None
+
+
 def check_placement(device: torch.device, device_map: Any, model, config: Idefics2Config, dtype: torch.dtype,
-                    converts: bool) -> None:
-    """Fail before reading any weight when the placement cannot work, with the estimate and what to try."""
-    if isinstance(device_map, dict):
+                    converts: bool, offload_folder: str | os.PathLike | None = None,
+                    quantized: bool = False) -> None:
+    """Fail before reading any weight when the placement cannot work, with the estimate and what to try.
+
+    `converts`: the weights change dtype (so on the CPU they need memory of their own, not just the mapping);
+    `quantized`: they are quantized after loading (the GPU estimate would not apply).
+    """
+    gib = 2**30
+    placements = normalize_device_map(device_map) if isinstance(device_map, dict) else None
+    if placements is not None:
         names = {name for name, _ in model.named_modules()}
-        unknown = [key for key in device_map if key and key not in names]
+        unknown = [key for key in placements if key and key not in names]
         if unknown:
             raise ValueError(f"device_map names modules the model does not have: {unknown}")
         uncovered = [n for n, _ in model.named_parameters()
-                     if not any(k == "" or n == k or n.startswith(k + ".") for k in device_map)]
+                     if not any(k == "" or n == k or n.startswith(k + ".") for k in placements)]
         if uncovered:
             raise ValueError(f"device_map leaves parameters without a device: {_describe(uncovered)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asks for CUDA but no CUDA device is available; "
-                         + placement_advice(config, dtype))
+        for key, value in placements.items():
+            problem = _device_problem(f"device_map[{key!r}] = {value!r}", value)
+            if problem:
+                raise ValueError(f"{problem}; " + placement_advice(config, dtype))
+    else:
+        problem = _device_problem(f"device {str(device)!r}", str(device))
+        if problem:
+            raise ValueError(f"{problem}; " + placement_advice(config, dtype))
+    if placements is not None and len(set(placements.values())) > 1:
+        _check_spread(placements, model, config, dtype, converts, offload_folder)
+        return
     if device.type == "cpu" and converts:
         from .memory import weight_bytes
 
         needed, available = weight_bytes(config, dtype), available_memory()
         if available is not None and needed > available:
             raise MemoryError(f"converting the weights to {str(dtype).removeprefix('torch.')} needs "
-                              f"{needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are available; "
+                              f"{needed / gib:.1f} GiB but {available / gib:.1f} GiB are available; "
                               + placement_advice(config, dtype))
+    if device.type == "cuda" and not quantized:
+        from .memory import weight_bytes
+
+        needed, free = weight_bytes(config, dtype), free_memory(device)
+        if free is not None and needed > free:
+            raise MemoryError(f"{str(device)!r} has {free / gib:.1f} GiB free; " + placement_advice(config, dtype))
+
+
+def _check_spread(placements: dict[str, str], model, config: Idefics2Config, dtype: torch.dtype, converts: bool,
+                  offload_folder: str | os.PathLike | None) -> None:
+    """A device_map dict over several places: no block split, room on every device, a folder for converted
+    'disk' weights."""
+    from .dispatch import covering_key, split_block
+
+    gib = 2**30
+    for key in placements:
+        block = split_block(model, key)
+        if block is not None:
+            raise ValueError(f"device_map[{key!r}] splits {block!r} ({type(model.get_submodule(block)).__name__}), "
+                             f"which runs on one device; place {block!r} as a whole")
+    element = torch.empty(0, dtype=dtype).element_size()
+    needed: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        where = placements[covering_key(name, placements)]
+        needed[where] = needed.get(where, 0) + param.numel() * (element if param.is_floating_point()
+                                                                 else param.element_size())
+    disk_keys = [key for key, value in placements.items() if value == "disk"]
+    if disk_keys and converts:
+        if offload_folder is None:
+            raise ValueError(f"device_map[{disk_keys[0]!r}] = 'disk' needs offload_folder=DIR: converting to "
+                             f"{str(dtype).removeprefix('torch.')} makes new tensors, written there and mapped "
+                             "(or keep the checkpoint's dtype with dtype='auto')")
+        existing = os.path.abspath(offload_folder)
+        while not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free
+        if needed.get("disk", 0) > free:
+            raise MemoryError(f"device_map puts {needed['disk'] / gib:.1f} GiB on 'disk' but {offload_folder} "
+                              f"has {free / gib:.1f} GiB free")
+    for where, nbytes in needed.items():
+        if where == "disk":
+            continue
+        free = free_memory(torch.device(where))
+        if free is not None and nbytes > free:
+            keys = [repr(key) for key, value in placements.items() if value == where]
+            raise MemoryError(f"device_map puts {nbytes / gib:.2f} GiB of weights on {where!r} ({_describe(keys, 3)}) "
+                              f"but {free / gib:.2f} GiB are free there; " + placement_advice(config, dtype))
 
 
 def _describe(names: list[str], limit: int = 8) -> str:
@@ -319,11 +438,14 @@ def load_pretrained(
     trust_remote_code: bool | None = None,
     quantize: str | None = None,
     quantize_group_size: int = 64,
+    offload_folder: str | os.PathLike | None = None,
 ):
     """Build `cls` from a checkpoint directory or hub id without random init and without a second copy.
 
     `dtype` (alias `torch_dtype`): "auto"/None keeps the checkpoint's dtype; or a torch dtype / its name.
-    `device` or `device_map`: "cpu", "cuda", "cuda:1", "auto", or a dict mapping everything to one device.
+    `device` or `device_map`: "cpu", "cuda", "cuda:1", "auto", "disk", or a dict of module names to devices
+    ("cuda:N" or N, "cpu" = in RAM, "disk" = left mapped from the files) that may spread the model over several
+    (see `idefics2.dispatch`); `offload_folder` receives "disk" weights that had to be converted.
     `attn_implementation`: "sdpa" (default), "eager" or "flash_attention_2".
     `quantize`: "int8" or "int4" quantizes the text decoder's projections at load (see `idefics2.quantize`);
     a checkpoint written quantized by `idefics2 quantize` is recognised from its config.
@@ -347,6 +469,7 @@ def load_pretrained(
     if attn_implementation is not None:
         check_attn_implementation(attn_implementation)
     target_device = parse_device(device, device_map)
+    placements = normalize_device_map(device_map) if spreads_devices(device_map) else None
 
     hub_kwargs = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir, token=token).items() if v}
     if local_files_only:
@@ -367,6 +490,9 @@ def load_pretrained(
     target_dtype = parse_dtype(dtype, config, state)
 
     stored_quantization = config.extra.get("quantization_config")
+    if placements is not None and (quantize is not None or bnb_config is not None or stored_quantization):
+        raise ValueError("a device_map dict over several devices cannot be combined with quantization yet; "
+                         "quantize on one device (device_map='cpu' or 'cuda')")
     prequantized_bnb: dict[str, torch.Tensor] = {}
     bnb_names: set[str] = set()
     if stored_quantization is not None:
@@ -400,8 +526,9 @@ def load_pretrained(
         expected.pop(f"{name.removeprefix(prefix)}.weight", None)
 
     converts = any(t.is_floating_point() and t.dtype != target_dtype for t in state.values())
-    check_placement(target_device, device_map, model, config, target_dtype,
-                    converts and quantize is None and bnb_config is None)
+    quantized = quantize is not None or bnb_config is not None or stored_quantization is not None
+    check_placement(target_device, device_map, model, config, target_dtype, converts and not quantized,
+                    offload_folder=offload_folder, quantized=quantized)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -427,6 +554,7 @@ def load_pretrained(
         for buffer_name, _ in module.named_buffers()
     }
     loaded = {}
+    offload = _OffloadWriter(offload_folder) if placements is not None and offload_folder is not None else None
     for name, param in expected.items():
         tensor = state.pop(name)
         if name in keep_dtype:
@@ -434,8 +562,15 @@ def load_pretrained(
             loaded[name] = tensor.to(device=target_device).clone()
             continue
         want = target_dtype if param.is_floating_point() else param.dtype
-        loaded[name] = tensor.to(device=target_device, dtype=want)  # no copy when already right
+        if placements is None:
+            loaded[name] = tensor.to(device=target_device, dtype=want)  # no copy when already right
+        else:
+            placed = _place(name, tensor.to(dtype=want), placements, target_device, offload, loaded)
+            if placed is not None:  # else the offload writer fills it in
+                loaded[name] = placed
         del tensor
+    if offload is not None:
+        offload.flush(loaded)
     missing_after = model.load_state_dict(loaded, assign=True, strict=False).missing_keys
     del loaded
     if set(missing_after) != {f"{n.removeprefix(prefix)}.weight" for n in bnb_names}:
@@ -448,6 +583,10 @@ def load_pretrained(
     model.tie_weights()
     model.reset_buffers(target_device)
     model.set_attn_implementation(config.attn_implementation)
+    if placements is not None:
+        from .dispatch import dispatch_model
+
+        dispatch_model(model, placements, target_device)
     model.config.extra["dtype"] = str(target_dtype).removeprefix("torch.")
     if quantize is not None:
         from .quantize import quantize_model
@@ -459,6 +598,69 @@ def load_pretrained(
         quantize_with_bnb(model, bnb_config, target_device)
     _attach_generation_config(model, directory)
     return model.eval()
+
+
+def is_file_view(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` reads a file mapping (a CPU storage torch did not allocate) rather than memory of its own."""
+    return tensor.device.type == "cpu" and (tensor.numel() == 0 or not tensor.untyped_storage().resizable())
+
+
+def _place(name: str, tensor: torch.Tensor, placements: dict[str, str], main: torch.device,
+           offload: _OffloadWriter | None, loaded: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Put one tensor (already in its final dtype) where a device_map dict over several devices says: a GPU;
+    "cpu" = memory of its own; "disk" = a file mapping (the checkpoint's, or offload_folder's for tensors
+    made at load). None when it went to the offload writer, which fills in `loaded` later."""
+    from .dispatch import covering_key
+
+    key = covering_key(name, placements)
+    where = placements[key] if key is not None else str(main)  # buffers the map does not cover
+    if where == "cpu":
+        return tensor.clone() if is_file_view(tensor) else tensor
+    if where != "disk":
+        return tensor.to(torch.device(where))
+    if is_file_view(tensor):
+        return tensor
+    if offload is None:
+        raise ValueError(f"device_map[{key!r}] = 'disk': {name} is made at load (converted or joined from "
+                         "several tensors); pass offload_folder=DIR to write it there and map it")
+    offload.add(name, tensor, loaded)
+    return None
+
+
+class _OffloadWriter:
+    """Writes "disk" tensors made at load to `folder` as safetensors, about `chunk_bytes` a file, and hands
+    back zero-copy views of the written files (so at most one chunk is held in memory)."""
+
+    PATTERN = re.compile(r"idefics2-offload-\d{5}\.safetensors")
+
+    def __init__(self, folder: str | os.PathLike, chunk_bytes: int = 512 * 2**20) -> None:
+        self.folder = os.fspath(folder)
+        self.chunk_bytes = chunk_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files = 0
+        os.makedirs(self.folder, exist_ok=True)
+        for stale in os.listdir(self.folder):  # a mapping of an earlier file keeps its inode: removing is safe
+            if self.PATTERN.fullmatch(stale):
+                os.remove(os.path.join(self.folder, stale))
+
+    def add(self, name: str, tensor: torch.Tensor, loaded: dict[str, torch.Tensor]) -> None:
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.chunk_bytes:
+            self.flush(loaded)
+
+    def flush(self, loaded: dict[str, torch.Tensor]) -> None:
+        if not self.pending:
+            return
+        self.files += 1
+        path = os.path.join(self.folder, f"idefics2-offload-{self.files:05d}.safetensors")
+        partial = path + ".partial"
+        save_file(self.pending, partial, metadata={"format": "pt"})
+        os.replace(partial, path)
+        self.pending.clear()
+        self.pending_bytes = 0
+        loaded.update(read_safetensors(path))
 
 
 def _attach_generation_config(model, directory: str) -> None:

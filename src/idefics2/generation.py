@@ -320,7 +320,10 @@ def _expand_rows(model, input_ids, attention_mask, features, times: int):
 
 
 def new_cache(model, batch: int, capacity: int, device) -> KVCache:
-    return model.model.text_model.new_cache(batch, capacity, model.dtype, device)
+    """A cache for `batch` rows of `capacity` tokens; each layer's part on that layer's device when a device_map
+    dict spreads the decoder, else on `device`."""
+    layer_devices = getattr(model.model.text_model, "layer_devices", None)
+    return model.model.text_model.new_cache(batch, capacity, model.dtype, layer_devices or device)
 
 
 def prefill(model, input_ids, attention_mask, features, cache) -> torch.Tensor:

@@ -67,7 +67,9 @@ class Idefics2PreTrainedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where inputs go: the main device of a model spread by a device_map dict, else its parameters'."""
+        main = self.__dict__.get("_main_device")
+        return main if main is not None else next(self.parameters()).device
 
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
@@ -234,7 +236,7 @@ class Idefics2Model(Idefics2PreTrainedModel):
         """Write image features into the `<image>` token slots, row-major (sample by sample, left to right)."""
         n_latents = self.config.image_seq_len
         hidden = inputs_embeds.shape[-1]
-        features = features.reshape(-1, hidden).to(inputs_embeds.dtype)
+        features = features.reshape(-1, hidden).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         is_image = input_ids == self.config.image_token_id
         tokens_per_sample = is_image.sum(dim=1)
         if images_per_sample is not None:
@@ -245,7 +247,7 @@ class Idefics2Model(Idefics2PreTrainedModel):
                 f"tokens (id {self.config.image_token_id}) but {features.shape[0]} feature rows were given "
                 f"({features.shape[0] // max(n_latents, 1)} image(s) x {n_latents} latents)"
             )
-        return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), features)
+        return inputs_embeds.masked_scatter(is_image.unsqueeze(-1).to(inputs_embeds.device), features)
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(
@@ -303,6 +305,7 @@ class Idefics2Model(Idefics2PreTrainedModel):
         if features is not None:
             if input_ids is None:
                 image_embedding = self.text_model.embed_tokens.weight[self.config.image_token_id]
+                image_embedding = image_embedding.to(inputs_embeds.device)
                 image_ids = (inputs_embeds == image_embedding).all(-1)
                 ids = torch.where(image_ids, self.config.image_token_id, -1)
             else:
@@ -310,7 +313,9 @@ class Idefics2Model(Idefics2PreTrainedModel):
             inputs_embeds = self.merge_image_features(ids, inputs_embeds, features, counts)
 
         if use_cache and past_key_values is None:
-            past_key_values = self.text_model.new_cache(batch, seq_len, inputs_embeds.dtype, inputs_embeds.device)
+            # Each layer's part of the cache on that layer's device when a device_map dict spreads the decoder.
+            devices = getattr(self.text_model, "layer_devices", None) or inputs_embeds.device
+            past_key_values = self.text_model.new_cache(batch, seq_len, inputs_embeds.dtype, devices)
         hidden, all_hidden, all_attn = self.text_model(
             inputs_embeds,
             attention_mask=attention_mask,
