@@ -190,3 +190,61 @@ def test_disable_env_falls_back_to_f_linear():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "IDEFICS2_DISABLE_KERNELS" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# int8 / int4 weight-only kernels (idefics2.quantize layouts)
+
+def _int8_data(b: int, n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) / (127 * k**0.5)
+    return torch.randn(b, k, generator=g), q, scales
+
+
+@needs_kernel
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("n, k", [(96, 128), (37, 200), (1030, 1024)])
+def test_int8_kernel_matches_dequantized_matmul(b, n, k):
+    x, q, scales = _int8_data(b, n, k)
+    expected = x.double() @ (q.double() * scales.double()[:, None]).t()
+    y = K.int8_matmul(x, q, scales)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    y16 = K.int8_matmul(x.to(torch.bfloat16), q, scales)  # bf16 in, bf16 out, fp32 arithmetic inside
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), (x.to(torch.bfloat16).double() @ (q.double() * scales.double()[:, None]).t()).float(),
+                               rtol=1e-2, atol=1e-2)
+
+
+def _int4_data(b: int, n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) / k**0.5).to(torch.bfloat16)
+    zeros = (torch.randn(n, k // group, generator=g) / k**0.5).to(torch.bfloat16)
+    return torch.randn(b, k, generator=g), values, scales, zeros
+
+
+@pytest.mark.skipif(not kernel_available() or not K._ops().has_int4(), reason="int4 kernel needs AVX512-BF16")
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n, k", [(96, 128), (37, 384), (1030, 1024)])
+def test_int4_kernel_matches_dequantized_matmul(b, group, n, k):
+    from idefics2.quantize import pack_int4
+
+    x, values, scales, zeros = _int4_data(b, n, k, group)
+    w = ((values.double() - 8).reshape(n, -1, group) * scales.double()[..., None]
+         + zeros.double()[..., None]).reshape(n, k)
+    expected = x.to(torch.bfloat16).double() @ w.t()  # the kernel rounds x to bf16, then works in fp32
+    y = K.int4_matmul(x, pack_int4(values), scales, zeros, group)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_kernels_decline_what_they_do_not_cover():
+    x, q, scales = _int8_data(17, 8, 128)
+    assert K.int8_matmul(x, q, scales) is None  # more than 16 rows: torch's op
+    x4, values, s4, z4 = _int4_data(2, 8, 192, 64)
+    assert K.int4_matmul(x4, values[:, :96], s4, z4, 64) is None  # K not a multiple of 128
+    assert K.int4_matmul(x4[:, :128], values[:, :64], s4[:, :2], z4[:, :2], 16) is None  # unsupported group
+    grad_x = torch.randn(2, 128, requires_grad=True)
+    assert K.int8_matmul(grad_x, q, scales) is None

@@ -8,6 +8,9 @@ from idefics2 import Idefics2ForConditionalGeneration
 from idefics2.quantize import QuantizedLinear, quantize_model
 
 CONFIG = tiny_config_dict()
+# int4's chunk128 layout needs the decoder's input widths to be multiples of 128 (true of every Idefics2 size)
+CONFIG["text_config"].update(hidden_size=128, intermediate_size=256)
+CONFIG["perceiver_config"].update(hidden_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def test_quantized_model_tracks_the_float_model_and_round_trips(checkpoint, tmp_
     with torch.no_grad():
         a, b = base(input_ids=ids).logits, quant(input_ids=ids).logits
     rel = ((a - b).norm() / a.norm()).item()
-    assert rel < (0.02 if method == "int8" else 0.15), rel
+    assert rel < (0.02 if method == "int8" else 0.25), rel  # int4 of random Gaussian weights: ~0.15
     quant.save_pretrained(tmp_path)
     again = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
     assert sum(isinstance(m, QuantizedLinear) for m in again.modules()) == len(layers)
@@ -50,7 +53,48 @@ def test_quantized_model_tracks_the_float_model_and_round_trips(checkpoint, tmp_
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int8")
 
 
-def test_unknown_method_is_rejected(checkpoint):
+def test_unknown_method_and_unfit_widths_are_rejected(checkpoint, tmp_path):
     model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
     with pytest.raises(ValueError, match="quantize='int3' is not supported"):
         quantize_model(model, "int3")
+    narrow = tiny_config_dict()  # text hidden size 64
+    reference_model(narrow, seed=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.text_model\.layers\.0\.self_attn\.q_proj: int4 needs .* divisible by 128"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int4")
+
+
+def test_int4_packing_round_trips_and_is_chunked_by_128():
+    from idefics2.quantize import pack_int4, unpack_int4
+
+    q = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 128) and torch.equal(unpack_int4(packed), q)
+    # word m of a chunk (bytes 2m, 2m + 1) holds elements m, m + 32, m + 64, m + 96 in its four nibbles
+    word = packed[0, 2 * 5].int() | (packed[0, 2 * 5 + 1].int() << 8)
+    assert [(word >> (4 * j)) & 15 for j in range(4)] == [q[0, 5 + 32 * j].item() for j in range(4)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_kernel_and_prefill_op_agree(bits):
+    """<= 16 rows run on idefics2's kernel, more on torch's op: both compute the same dequantized matmul."""
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(256, 160, bias=False), bits, 64)
+    x = torch.randn(20, 256)
+    with torch.no_grad():
+        full = q(x)  # 20 rows: torch's op
+        rows = torch.cat([q(x[i:i + 4]) for i in range(0, 20, 4)])  # 4 rows at a time: the kernel
+    exact = x.to(torch.bfloat16).float() @ q.dequantize().t()
+    for y in (full, rows):
+        assert ((y - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_int4_checkpoint_from_the_early_layout_is_refused(checkpoint, tmp_path):
+    import json
+
+    quant = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int4", quantize_group_size=32)
+    quant.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]["int4_layout"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantize the float checkpoint again"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path)

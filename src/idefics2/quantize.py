@@ -1,11 +1,14 @@
-"""Weight-only int8 / int4 quantization of the text decoder, on torch's own CPU kernels.
+"""Weight-only int8 / int4 quantization of the text decoder for fast CPU decoding.
 
 Decoding on a CPU is bound by the bytes of weights streamed per token, so smaller weights decode faster:
-int8 per output channel (`aten._weight_int8pack_mm`) and int4 in groups of 32/64/128 along the input
-(`aten._weight_int4pack_mm_for_cpu`), both with bf16 activations. Quantization is a model-to-model transform
+int8 per output channel and int4 in groups of 32/64/128 along the input. Decoding (<= 16 rows) runs on
+idefics2's streaming kernels (`idefics2.kernels`: int8 widened to fp32 in registers; int4 through AVX512-BF16
+dot products with bf16 activations); prefill and CPUs without them use torch's `aten._weight_int8pack_mm` and
+`aten._weight_int4pack_mm_for_cpu` (bf16 activations). Quantization is a model-to-model transform
 (`quantize_model`), applied at load time from a float checkpoint layer by layer, so the float model is never
 held in memory at once. On disk the tensors are device-neutral (int8 matrix + scales; int4 as two nibbles a
-byte + scales and zero points) and are packed for the running device when loaded.
+byte in idefics2's chunk128 order + scales and zero points) and are used as stored by idefics2's kernels
+(torch's packed int4 layout is derived on first use only where the kernel does not apply).
 The vision tower, the connector and `lm_head` stay in floating point.
 """
 
@@ -17,19 +20,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 METHODS = ("int8", "int4")
 DEFAULT_TARGETS = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 
 
+INT4_LAYOUT = "chunk128"
+
+
 class QuantizedLinear(nn.Module):
-    """A bias-free Linear whose weight is int8 (per output channel) or int4 (per group), computed in bf16."""
+    """A bias-free Linear whose weight is int8 (per output channel) or int4 (per group), computed in bf16.
+
+    int8: `qweight` [N, K] int8 and `scales` [N]; w = q * scale.
+    int4: `qweight` [N, K / 2] uint8 in the chunk128 layout (K is cut into chunks of 128 = 32 little-endian
+    16-bit words; nibble j of word m holds element 32j + m, so one 64-byte load unpacks into four runs of 32
+    consecutive elements with shifts and masks), `scales` and `zeros` [N, K / group];
+    w = (q - 8) * scale + zero.
+    Up to 16 rows (decoding) run on idefics2's streaming kernels; larger inputs and CPUs without the kernel
+    use torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`.
+    """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if bits == 4 and in_features % group_size:
-            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        if bits == 4 and (group_size not in (32, 64, 128) or in_features % 128):
+            raise ValueError(f"int4 needs group_size 32, 64 or 128 and in_features divisible by 128; got "
+                             f"in_features={in_features}, group_size={group_size}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -37,8 +55,10 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
             groups = in_features // group_size
-            self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.bfloat16))
-            self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.bfloat16))
+            self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16))
+        # derived lazily, never saved: fp32 scales for the int8 kernel, torch's packed int4 layout
+        self._scales_fp32: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None
         self._scales_and_zeros: torch.Tensor | None = None
 
@@ -57,51 +77,64 @@ class QuantizedLinear(nn.Module):
             low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
             scale = ((high - low) / 15).clamp(min=1e-8)
             q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-            q = q.reshape(linear.out_features, -1)
-            module.qweight = q[:, 0::2] | (q[:, 1::2] << 4)
-            module.scales = scale.t().contiguous().to(torch.bfloat16)
-            # The kernel computes (q - 8) * scale + zero, so the stored zero is the value at q = 8.
-            module.zeros = (low + 8 * scale).t().contiguous().to(torch.bfloat16)
+            module.qweight = pack_int4(q.reshape(linear.out_features, -1))
+            module.scales = scale.to(torch.bfloat16)
+            # w = (q - 8) * scale + zero, so the stored zero is the value at q = 8.
+            module.zeros = (low + 8 * scale).to(torch.bfloat16)
         return module
 
     def dequantize(self) -> torch.Tensor:
         if self.bits == 8:
             return self.qweight.float() * self.scales.float()[:, None]
-        q = self.unpacked_nibbles().float().reshape(self.out_features, -1, self.group_size)
-        scale = self.scales.float().t()[..., None]
-        zero = self.zeros.float().t()[..., None]
-        return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
+        q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
 
-    def unpacked_nibbles(self) -> torch.Tensor:
-        q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=self.qweight.device)
-        q[:, 0::2] = self.qweight & 0x0F
-        q[:, 1::2] = self.qweight >> 4
-        return q
-
-    def _pack_int4(self) -> None:
-        # The packed layout is device- and version-specific, so it is derived here and never saved.
-        q = self.unpacked_nibbles().to(torch.int32)
+    def _torch_int4_pack(self) -> None:
+        q = unpack_int4(self.qweight).to(torch.int32)
         self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        self._scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).contiguous()
+        self._scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             # No packed CUDA path yet: dequantize (correct, not fast).
             return F.linear(x, self.dequantize().to(x.dtype))
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, shape[-1])
         if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+            if self._scales_fp32 is None:
+                self._scales_fp32 = self.scales.float()
+            y = kernels.int8_matmul(x2, self.qweight, self._scales_fp32)
+            if y is None:
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.scales)
         else:
-            if self._packed is None:
-                self._pack_int4()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size,
-                                                         self._scales_and_zeros)
+            y = kernels.int4_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size)
+            if y is None:
+                if self._packed is None:
+                    self._torch_int4_pack()
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self._packed,
+                                                             self.group_size, self._scales_and_zeros)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, K / 2] bytes in the chunk128 layout (K divisible by 128)."""
+    runs = q.to(torch.uint8).reshape(q.shape[0], -1, 4, 32)  # [N, chunk, run j, m]
+    low = runs[:, :, 0] | (runs[:, :, 1] << 4)  # word m's low byte: runs 0 and 1
+    high = runs[:, :, 2] | (runs[:, :, 3] << 4)
+    return torch.stack([low, high], dim=-1).reshape(q.shape[0], -1)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: [N, K / 2] bytes -> [N, K] uint8 values 0..15."""
+    words = packed.reshape(packed.shape[0], -1, 32, 2)
+    low, high = words[..., 0], words[..., 1]
+    runs = torch.stack([low & 0x0F, low >> 4, high & 0x0F, high >> 4], dim=2)  # [N, chunk, 4, 32]
+    return runs.reshape(packed.shape[0], -1)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 64, targets: str = DEFAULT_TARGETS) -> nn.Module:
@@ -116,18 +149,26 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64, targets:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantizedLinear.from_linear(getattr(parent, child), bits, group_size))
+        try:
+            quantized = QuantizedLinear.from_linear(getattr(parent, child), bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        setattr(parent, child, quantized)
     model.config.extra["quantization_config"] = quantization_config(method, group_size, targets)
     return model
 
 
 def quantization_config(method: str, group_size: int, targets: str) -> dict:
-    return {"quant_method": "idefics2", "method": method, "group_size": group_size, "targets": targets}
+    return {"quant_method": "idefics2", "method": method, "group_size": group_size, "targets": targets,
+            "int4_layout": INT4_LAYOUT}
 
 
 def prepare_quantized_skeleton(model: nn.Module, config: dict) -> None:
     """Before loading a quantized checkpoint: put empty QuantizedLinear modules where it has them."""
     bits = 8 if config["method"] == "int8" else 4
+    if bits == 4 and config.get("int4_layout") != INT4_LAYOUT:
+        raise ValueError(f"this int4 checkpoint uses the layout {config.get('int4_layout', 'pairs')!r} of an early "
+                         f"idefics2 version; quantize the float checkpoint again with `idefics2 quantize`")
     pattern = re.compile(config.get("targets", DEFAULT_TARGETS))
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and pattern.search(name):

@@ -1,5 +1,8 @@
 """Compiled CPU kernels, built on first use with torch.utils.cpp_extension (needs ninja and a C++ compiler).
 
+`int8_matmul` / `int4_matmul` are the same streaming kernel for weight-only quantized layers (see
+`idefics2.quantize`); they return None where they do not apply, and the caller uses torch's own op.
+
 `small_batch_linear(x, weight, bias)` is F.linear for decoding: at <= 16 rows it streams the weight once
 at close to memory bandwidth (fp32 or bf16 weights, fp32 accumulation), where MKL/oneDNN fall well below
 it (fp32 at 4-16 rows, bf16 at every size). fp32 at 1-2 rows stays with F.linear (MKL gemv is as fast). When the kernel cannot be used (build impossible, IDEFICS2_DISABLE_KERNELS=1, other devices,
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "kernel_available", "kernel_status", "small_batch_linear"]
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "int4_matmul", "int8_matmul", "kernel_available", "kernel_status",
+           "small_batch_linear"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
@@ -142,3 +146,30 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     lead = x.shape[:-1]
     y = op.small_gemm(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _quantized_kernel_applies(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_ROWS
+            and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x [B, K] @ (qweight [N, K] int8 * scales [N] fp32)^T in fp32 arithmetic, or None (use torch's op)."""
+    if not _quantized_kernel_applies(x):
+        return None
+    op = _ops()
+    return None if op is None else op.small_gemm_int8(x, qweight, scales, None)
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor | None:
+    """x [B, K] @ W^T for int4 weights in the chunk128 layout of `idefics2.quantize`, or None (use torch's op).
+
+    Needs AVX512-BF16; x is rounded to bf16, accumulation is fp32.
+    """
+    if not _quantized_kernel_applies(x) or x.shape[1] % 128 or group_size not in (32, 64, 128):
+        return None
+    op = _ops()
+    if op is None or not op.has_int4():
+        return None
+    return op.small_gemm_int4(x, qweight, scales, zeros, group_size)

@@ -43,6 +43,7 @@ inline float bf16_to_float(uint16_t v) {
 
 inline float load_scalar(const float* p) { return *p; }
 inline float load_scalar(const uint16_t* p) { return bf16_to_float(*p); }
+inline float load_scalar(const int8_t* p) { return static_cast<float>(*p); }
 
 // ---------------------------------------------------------------------------------------------
 // SIMD traits. One "step" along K covers P vectors of fp32 lanes: P = 1 for fp32 weights, P = 2 for bf16
@@ -63,6 +64,10 @@ struct Simd {
     v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
     v[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
+  static void loadw(const int8_t* p, V* v) {  // 32 int8 in natural order
+    v[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    v[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
@@ -80,6 +85,10 @@ struct Simd {
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
     v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  static void loadw(const int8_t* p, V* v) {  // 16 int8 in natural order
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
@@ -100,14 +109,17 @@ struct Simd {  // plain C++: the same loops with one-float "vectors"
   static V loadx(const float* p) { return *p; }
   static void loadw(const float* p, V* v) { v[0] = *p; }
   static void loadw(const uint16_t* p, V* v) { v[0] = bf16_to_float(p[0]); v[1] = bf16_to_float(p[1]); }
+  static void loadw(const int8_t* p, V* v) { v[0] = p[0]; v[1] = p[1]; }
   static V fma(V a, V b, V c) { return a * b + c; }
   static void prefetch(const void*) {}
   static float sum(V v) { return v; }
 };
 #endif
 
-template <typename WT> constexpr int kParts = sizeof(WT) == 2 ? 2 : 1;       // vectors per K step
+// Vectors per K step: 2 for bf16 (split even/odd) and int8 (two runs of lanes in natural order), 1 for fp32.
+template <typename WT> constexpr int kParts = sizeof(WT) == 4 ? 1 : 2;
 template <typename WT> constexpr int kStep = kParts<WT> * Simd::kLanes;  // K elements per step
+template <typename WT> constexpr bool kEvenOdd = sizeof(WT) == 2;  // x packed even/odd to match bf16 loads
 
 // acc[r * BC + b] += W[r, k0:k1] . x[b, k0:k1] over whole steps. `x` is the packed block: row b at
 // x + b * len, k relative to k0. The accumulators stay in registers (loops fully unrolled on R, BC).
@@ -161,7 +173,7 @@ inline void block_dot_n(int nb, const WT* w, int64_t ldw, const float* x, int64_
 // x prepared once per call: `packed` holds the whole steps of K, block by block ([block][b][len], with
 // bf16 steps split even/odd), so a block's x rows are contiguous in L1 instead of a K stride apart (K*4
 // is often a multiple of 4 KB, which would map every row to the same L1 set); `plain` [B][K] serves the
-// tail of K that does not fill a step.
+// tail of K that does not fill a step. int8 steps keep x in natural order.
 struct PackedX {
   std::vector<float> packed;
   const float* plain;
@@ -170,7 +182,7 @@ struct PackedX {
 
 template <typename WT>
 PackedX pack_x(const float* x, int64_t B, int64_t K) {
-  constexpr int S = kStep<WT>, P = kParts<WT>;
+  constexpr int S = kStep<WT>;
   PackedX px;
   px.plain = x;
   px.B = B;
@@ -185,7 +197,7 @@ PackedX pack_x(const float* x, int64_t B, int64_t K) {
     const int64_t len = std::min(px.kblock, px.kvec - k0);
     for (int64_t b = 0; b < B; ++b, out += len) {
       const float* src = x + b * K + k0;
-      if (P == 1) {
+      if (!kEvenOdd<WT>) {
         std::memcpy(out, src, static_cast<size_t>(len) * sizeof(float));
         continue;
       }
@@ -232,16 +244,17 @@ void rows_dot(const WT* w, const PackedX& px, float* out, bool prefetch) {
   }
 }
 
-// y[b, n] for n in [n0, n1); OT is the output element type.
+// y[b, n] for n in [n0, n1); OT is the output element type; `scale` (int8 weights) multiplies row n's dot.
 template <typename WT, typename OT>
-void gemm_rows(const WT* w, const PackedX& px, const float* bias, OT* y, int64_t N, int64_t n0, int64_t n1) {
+void gemm_rows(const WT* w, const PackedX& px, const float* scale, const float* bias, OT* y, int64_t N, int64_t n0,
+               int64_t n1) {
   constexpr int R = Simd::kRows;
   const int64_t B = px.B, K = px.K;
   float out[kMaxB * R];
   auto emit = [&](int64_t n, int rows) {
     for (int64_t b = 0; b < B; ++b)
       for (int r = 0; r < rows; ++r) {
-        float v = out[b * rows + r] + (bias ? bias[n + r] : 0.f);
+        float v = out[b * rows + r] * (scale ? scale[n + r] : 1.f) + (bias ? bias[n + r] : 0.f);
         y[b * N + n + r] = static_cast<OT>(v);
       }
   };
@@ -257,7 +270,8 @@ void gemm_rows(const WT* w, const PackedX& px, const float* bias, OT* y, int64_t
 }
 
 template <typename WT, typename OT>
-void gemm(const WT* w, const float* x, const float* bias, OT* y, int64_t B, int64_t N, int64_t K) {
+void gemm(const WT* w, const float* x, const float* scale, const float* bias, OT* y, int64_t B, int64_t N,
+          int64_t K) {
   constexpr int R = Simd::kRows;
   const PackedX px = pack_x<WT>(x, B, K);
   const int64_t groups = (N + R - 1) / R;
@@ -265,9 +279,20 @@ void gemm(const WT* w, const float* x, const float* bias, OT* y, int64_t B, int6
   const int64_t group_bytes = R * K * static_cast<int64_t>(sizeof(WT));
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, group_bytes));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    gemm_rows<WT, OT>(w, px, bias, y, N, g0 * R, std::min(N, g1 * R));
+    gemm_rows<WT, OT>(w, px, scale, bias, y, N, g0 * R, std::min(N, g1 * R));
   });
 }
+
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 
 at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_gemm: CPU tensors only");
@@ -295,31 +320,250 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& weight, const std::
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
 
   if (wt == at::kFloat) {
-    gemm<float, float>(weight.data_ptr<float>(), xp, bp, y.data_ptr<float>(), B, N, K);
+    gemm<float, float>(weight.data_ptr<float>(), xp, nullptr, bp, y.data_ptr<float>(), B, N, K);
   } else {
     const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
     if (xt == at::kFloat) {
-      gemm<uint16_t, float>(wp, xp, bp, y.data_ptr<float>(), B, N, K);
+      gemm<uint16_t, float>(wp, xp, nullptr, bp, y.data_ptr<float>(), B, N, K);
     } else {
-      gemm<uint16_t, c10::BFloat16>(wp, xp, bp, y.data_ptr<c10::BFloat16>(), B, N, K);
+      gemm<uint16_t, c10::BFloat16>(wp, xp, nullptr, bp, y.data_ptr<c10::BFloat16>(), B, N, K);
     }
   }
   return y;
 }
 
-std::string isa() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "scalar";
-#endif
+at::Tensor small_gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "small_gemm_int8: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "small_gemm_int8: x [B, K] and qweight [N, K]");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "small_gemm_int8: contiguous int8 qweight");
+  const int64_t B = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == K, "small_gemm_int8: x and qweight disagree on in_features");
+  TORCH_CHECK(B <= kMaxB, "small_gemm_int8: at most ", kMaxB, " rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int8: fp32 or bf16 x");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "small_gemm_int8: scales must be fp32 [N]");
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y;
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "small_gemm_int8: bias must be [N]");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    gemm<int8_t, float>(wp, xf.data_ptr<float>(), scales.data_ptr<float>(), bp, y.data_ptr<float>(), B, N, K);
+  } else {
+    gemm<int8_t, c10::BFloat16>(wp, xf.data_ptr<float>(), scales.data_ptr<float>(), bp,
+                                y.data_ptr<c10::BFloat16>(), B, N, K);
+  }
+  return y;
 }
+
+// ---------------------------------------------------------------------------------------------
+// int4 weights in groups along K: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / group.
+// Layout (idefics2's "chunk128"): row n is K / 128 chunks of 64 bytes = 32 little-endian 16-bit words; nibble j
+// of word m of chunk c holds q[128c + 32j + m]. So one cache-line load gives four runs of 32 consecutive
+// elements, each extracted into 32 words by a shift and a mask, with no shuffles. A word (q << 3) | 0x4180 is
+// the bf16 number 16 + q (exponent 4, q in the top mantissa bits), exact; AVX512-BF16's dot product multiplies
+// 32 of those by 32 bf16 activations (x is rounded to bf16, as torch's int4 kernel does) with fp32
+// accumulation. Per group: total += scale * dot(16 + q, x); since q - 8 = (16 + q) - 24, the rest,
+// sum over groups of (zero - 24 * scale) * sum(x over the group), is added per row at the end.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool kHaveInt4 = true;
+
+inline __m512 broadcast_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(static_cast<short>(*p)), 16));
+}
+
+template <int R, int BC, int GROUP>
+inline void int4_block(const uint8_t* w, int64_t ldw, const uint16_t* scale, int64_t ldg, const uint16_t* x,
+                       int64_t ldx, int64_t k0, int64_t k1, __m512* total, bool prefetch) {
+  static_assert(GROUP == 32 || GROUP == 64 || GROUP == 128, "group size 32, 64 or 128");
+  const __m512i mantissa = _mm512_set1_epi16(0x78), exponent = _mm512_set1_epi16(0x4180);
+  __m512 tot[R][BC], acc[R][BC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int b = 0; b < BC; ++b) tot[r][b] = total[r * BC + b], acc[r][b] = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 128) {
+    __m512i raw[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = w + r * ldw + k / 2;
+      if (prefetch) Simd::prefetch(p + R * ldw);
+      raw[r] = _mm512_loadu_si512(p);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i wj[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        // nibble j moved to bits 3..6, then (t & 0x78) | 0x4180  (ternary-logic truth table 0xEA: (A & B) | C)
+        const __m512i t = j == 0 ? _mm512_slli_epi16(raw[r], 3) : _mm512_srli_epi16(raw[r], 4 * j - 3);
+        wj[r] = _mm512_ternarylogic_epi32(t, mantissa, exponent, 0xEA);
+      }
+#pragma GCC unroll 8
+      for (int b = 0; b < BC; ++b) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + b * ldx + k + 32 * j);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wj[r], xv);
+      }
+      if ((32 * (j + 1)) % GROUP == 0) {  // a group ends here: scale its sums into the totals
+        const int64_t g = (k + 32 * j) / GROUP;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512 s = broadcast_bf16(scale + r * ldg + g);
+#pragma GCC unroll 8
+          for (int b = 0; b < BC; ++b) {
+            tot[r][b] = _mm512_fmadd_ps(acc[r][b], s, tot[r][b]);
+            acc[r][b] = _mm512_setzero_ps();
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int b = 0; b < BC; ++b) total[r * BC + b] = tot[r][b];
+}
+
+constexpr int kInt4Rows = 4;         // 4 rows x 2 batch rows x (group + total) accumulators = 16 zmm
+constexpr int64_t kInt4Block = 512;  // K block when the batch takes several passes (a multiple of 128)
+
+// (zero - 24 * scale) . xsum over the groups of one row, for one batch row (16 groups at a time).
+inline float int4_offset(const uint16_t* scale, const uint16_t* zero, const float* xsum, int64_t G) {
+  auto widen = [](const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 c24 = _mm512_set1_ps(-24.f);
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16)
+    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(widen(scale + g), c24, widen(zero + g)), _mm512_loadu_ps(xsum + g), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; g < G; ++g) s += (bf16_to_float(zero[g]) - 24.f * bf16_to_float(scale[g])) * xsum[g];
+  return s;
+}
+
+template <int R, int GROUP>
+void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint16_t* zero, int64_t G,
+               const uint16_t* x, const float* xsum, int64_t B, int64_t K, float* out, bool prefetch) {
+  constexpr int C = 2;
+  __m512 acc[R * kMaxB];
+  for (int i = 0; i < R * B; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t block = B <= C ? K : kInt4Block;
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t k1 = std::min(K, k0 + block);
+    for (int64_t b0 = 0; b0 < B; b0 += C) {
+      const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
+      const uint16_t* xb = x + b0 * K;
+      __m512* a = acc + b0 * R;
+      const bool pf = prefetch && b0 == 0;
+      switch (nb) {
+        case 1: int4_block<R, 1, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
+        default: int4_block<R, 2, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
+      }
+    }
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += C) {
+    const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < nb; ++b)
+        out[(b0 + b) * R + r] = _mm512_reduce_add_ps(acc[b0 * R + r * nb + b]) +
+                                int4_offset(scale + r * G, zero + r * G, xsum + (b0 + b) * G, G);
+  }
+}
+
+template <int GROUP, typename OT>
+void int4_gemm(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x, const float* xsum,
+               OT* y, int64_t B, int64_t N, int64_t K) {
+  constexpr int R = kInt4Rows;
+  const int64_t G = K / GROUP, ldw = K / 2, groups = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * ldw));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    float out[kMaxB * R];
+    const int64_t n1 = std::min(N, g1 * R);
+    int64_t n = g0 * R;
+    auto emit = [&](int rows) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int r = 0; r < rows; ++r) y[b * N + n + r] = static_cast<OT>(out[b * rows + r]);
+    };
+    for (; n + R <= n1; n += R) {
+      int4_rows<R, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out, n + 2 * R <= n1);
+      emit(R);
+    }
+    for (; n < n1; ++n) {
+      int4_rows<1, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out, false);
+      emit(1);
+    }
+  });
+}
+
+template <typename OT>
+void int4_dispatch(int64_t group, const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x,
+                   const float* xsum, OT* y, int64_t B, int64_t N, int64_t K) {
+  if (group == 32) int4_gemm<32, OT>(w, scale, zero, x, xsum, y, B, N, K);
+  else if (group == 64) int4_gemm<64, OT>(w, scale, zero, x, xsum, y, B, N, K);
+  else int4_gemm<128, OT>(w, scale, zero, x, xsum, y, B, N, K);
+}
+#else
+constexpr bool kHaveInt4 = false;
+#endif
+
+at::Tensor small_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group_size) {
+  TORCH_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-BF16 (this build: ", isa(), ")");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "small_gemm_int4: CPU tensors only");
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "small_gemm_int4: group 32, 64 or 128");
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "small_gemm_int4: x [B, K] and qweight [N, K / 2]");
+  const int64_t B = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 128 == 0, "small_gemm_int4: K must be a multiple of 128");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.size(1) * 2 == K,
+              "small_gemm_int4: qweight must be contiguous uint8 [N, K / 2]");
+  const int64_t G = K / group_size;
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == G,
+                "small_gemm_int4: scales and zeros must be contiguous bf16 [N, K / group]");
+  TORCH_CHECK(B <= kMaxB, "small_gemm_int4: at most ", kMaxB, " rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int4: fp32 or bf16 x");
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
+  std::vector<float> xsum(static_cast<size_t>(B * G));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) s += bf16_to_float(xp[b * K + k]);
+      xsum[b * G + g] = s;
+    }
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
+  const auto* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
+  if (x.scalar_type() == at::kFloat)
+    int4_dispatch<float>(group_size, wp, sp, zp, xp, xsum.data(), y.data_ptr<float>(), B, N, K);
+  else
+    int4_dispatch<c10::BFloat16>(group_size, wp, sp, zp, xp, xsum.data(), y.data_ptr<c10::BFloat16>(), B, N, K);
+#endif
+  return y;
+}
+
+bool has_int4() { return kHaveInt4; }
 
 }  // namespace
 
 TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &small_gemm);
+  m.def("small_gemm_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor", &small_gemm_int8);
+  m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
+        &small_gemm_int4);
+  m.def("has_int4() -> bool", &has_int4);
   m.def("isa() -> str", &isa);
 }
