@@ -327,12 +327,81 @@ def test_lora_finetune_halves_the_loss(tiny_dir, data_file, tmp_path):
     assert config["r"] == 8 and config["lora_alpha"] == 8
 
 
-def test_qlora_without_cuda_says_so(tiny_dir, data_file, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_qlora_without_bitsandbytes_says_so(tiny_dir, data_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
     code = training_main(["finetune", "--model", tiny_dir, "--train", data_file, "--output", str(tmp_path),
                           "--method", "qlora", "--no-progress"])
-    assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--method qlora needs bitsandbytes" in err and err.count("\n") == 1, err
+
+
+def _qlora_targets(tiny_dir: str) -> list[str]:
+    """The linears QLoRA quantizes: every nn.Linear of the text decoder and the connector."""
+    model = Idefics2ForConditionalGeneration.from_pretrained(tiny_dir)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(("model.text_model.", "model.connector."))]
+
+
+def test_qlora_base_is_bnb_nf4_and_checkpointing_keeps_gradients(tiny_dir, data_file, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    targets = _qlora_targets(tiny_dir)
+    results = []
+    for checkpointing in (False, True):
+        trainer = Trainer(run_config(tiny_dir, data_file, tmp_path / str(checkpointing), method="qlora",
+                                     lora_dropout=0.0, gradient_checkpointing=checkpointing, batch_size=2))
+        trainer.build()
+        modules = dict(trainer.model.base_model.model.named_modules())
+        for name in targets:
+            base = modules[name].base_layer  # peft's LoRA wrapper around the quantized layer
+            assert isinstance(base, bnb.nn.Linear4bit), name
+            assert isinstance(base.weight, bnb.nn.Params4bit) and base.weight.dtype == torch.uint8, name
+            state = base.weight.quant_state
+            assert state.quant_type == "nf4" and state.nested, name  # NF4 with double quantization
+            assert base.compute_dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        assert trainer.quantized_layers == len(targets) > 20
+        float_linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)
+                         and not isinstance(m, bnb.nn.Linear4bit) and "lora_" not in n]
+        assert any(n.startswith("model.vision_model.") for n in float_linears) and "lm_head" in float_linears
+        assert all(n.startswith(("model.vision_model.", "lm_head")) for n in float_linears), float_linears
+        assert all("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+        batch = trainer._to_device(trainer.collator(trainer.train_samples[:2]))
+        out = trainer.model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+        results.append((float(out.loss.detach()), grads))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], atol=1e-6), name
+
+
+def test_qlora_finetune_cli_lowers_the_loss_and_saves_a_peft_adapter(tiny_dir, data_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "qlora"
+    run = subprocess.run(_cli("--model", tiny_dir, "--train", data_file, "--output", str(out), "--method", "qlora",
+                              "--gradient-checkpointing", "--batch-size", "4", "--max-steps", "12",
+                              "--learning-rate", "5e-3", "--lr-scheduler", "constant", "--max-length", "512",
+                              "--threads", "1", "--no-progress"),
+                         env=_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    targets = _qlora_targets(tiny_dir)
+    compute = "bfloat16" if torch.cuda.is_available() else "float32"
+    assert f"{len(targets)} linear layers in bitsandbytes 4-bit NF4 (double quant, compute {compute})" in run.stderr
+    history = losses(out / "metrics.jsonl")
+    assert sorted(history) == list(range(1, 13))
+    assert history[12] <= 0.9 * history[1] and history[12] < min(history[k] for k in range(1, 7)), history
+    # peft layout: one lora_A / lora_B pair per quantized linear, loadable by peft onto the float base model.
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    saved = load_file(out / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(f"base_model.model.{n}.lora_{ab}.weight" for n in targets for ab in "AB")
+    again = PeftModel.from_pretrained(Idefics2ForConditionalGeneration.from_pretrained(tiny_dir), out)
+    loaded = {n: p for n, p in again.named_parameters() if "lora_" in n}
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key.replace(".weight", ".default.weight")], tensor), key
 
 
 def _cli(*args: str) -> list[str]:
@@ -416,3 +485,77 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
     assert (tmp_path / "fsdp" / "checkpoint-2" / "optimizer.pt").is_file()
     assert losses(tmp_path / "ddp" / "metrics.jsonl")[1] == pytest.approx(losses(tmp_path / "one" /
                                                                                  "metrics.jsonl")[1], abs=1e-5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
+                    reason="accelerate not installed")
+def test_accelerate_launch_two_processes_equal_one_process_double_batch(tiny_dir, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # No user accelerate config may change the launch; every default accelerate would warn about is given.
+    env = {**_env(), "HF_HOME": str(tmp_path / "hf_home")}
+    launch = [accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    args = ["--model", tiny_dir, "--train", data_file, "--method", "full", "--max-steps", "3", "--learning-rate",
+            "1e-4", "--no-progress", "--max-length", "512", "--freeze", "vision", "--batch-size", "1"]
+    # --multi_gpu runs torch's elastic agent (what torchrun runs), also on a CPU-only machine: DDP with gloo.
+    run = subprocess.run([*launch, "--multi_gpu", "--main_process_port", str(_free_port()), "-m", "idefics2",
+                          "finetune", *args, "--output", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stderr
+    Trainer(run_config(tiny_dir, data_file, tmp_path / "one", method="full", batch_size=2, max_steps=3,
+                       learning_rate=1e-4, freeze=["vision"])).train()
+    ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    assert ddp.keys() == one.keys()
+    moved = 0
+    for name in one:
+        assert (ddp[name] - one[name]).abs().max() <= 1e-5, name
+        moved += not torch.equal(one[name], base[name])
+    assert moved > 10
+    assert losses(tmp_path / "ddp" / "metrics.jsonl")[3] == pytest.approx(losses(tmp_path / "one" /
+                                                                                 "metrics.jsonl")[3], abs=1e-5)
+    # --cpu without mpirun starts one plain process: refused in one line instead of training with half the batch.
+    run = subprocess.run([*launch, "--cpu", "--main_process_port", str(_free_port()), "-m", "idefics2", "finetune",
+                          *args, "--output", str(tmp_path / "cpu")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "idefics2: error: accelerate launch --cpu started a single process" in run.stderr
+    assert "--multi_gpu" in run.stderr and not (tmp_path / "cpu" / "metrics.jsonl").exists()
+
+
+def test_mpi_environment_gives_rank_and_world(monkeypatch):
+    """mpirun (accelerate launch --cpu --mpirun_hostfile) names ranks in MPI variables; they are read too."""
+    from idefics2.training import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.raises(trainer.TrainingSetupError, match="MASTER_ADDR / MASTER_PORT are not set"):
+        trainer.init_distributed()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    dist = trainer.init_distributed()
+    assert (dist.rank, dist.world, dist.local_rank, dist.device.type) == (3, 4, 1, "cpu")
+    assert calls == [{"backend": "gloo", "rank": 3, "world_size": 4}]
+    for name in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    with pytest.raises(trainer.TrainingSetupError, match="accelerate launch --cpu started a single process"):
+        trainer.init_distributed()

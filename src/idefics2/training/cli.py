@@ -78,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune on chat JSONL (LoRA / DoRA / QLoRA / full); runs under torchrun too",
         description="Fine-tune Idefics2 on JSONL chat data: {\"messages\": [...], \"images\": [paths]} per line. "
-                    "Loss on assistant turns only. Multi-process: torchrun --nproc-per-node N -m idefics2 finetune")
+                    "Loss on assistant turns only. Multi-process: torchrun --nproc-per-node N -m idefics2 finetune, or "
+                    "accelerate launch --multi_gpu --num_processes N -m idefics2 finetune (CPU too)")
     g = p.add_argument_group("data")
     g.add_argument("--model", required=True, help="base checkpoint directory (config.json + safetensors + processor)")
     g.add_argument("--train", required=True, metavar="JSONL", help="training data (image paths relative to it)")
@@ -94,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="do not split images into 4 crops + the original (5x fewer image tokens)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
-                   help="lora (default), qlora (4-bit NF4 base, CUDA + bitsandbytes) or full fine-tuning")
+                   help="lora (default), qlora (4-bit NF4 base via bitsandbytes, CPU or CUDA) or full fine-tuning")
     g.add_argument("--lora-r", type=_positive, default=8, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=int, default=8, help="LoRA alpha (default 8)")
     g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default 0.1)")

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX, ChatCollator, Sample, filter_by_length, load_jsonl
-from .lora import DEFAULT_LORA_TARGET, TrainingSetupError, apply_lora, freeze, quantize_for_qlora
+from .lora import (
+    DEFAULT_LORA_TARGET,
+    TrainingSetupError,
+    apply_lora,
+    count_4bit_linears,
+    freeze,
+    quantize_for_qlora,
+    require_bitsandbytes,
+)
 
 logger = logging.getLogger("idefics2.training")
 STATE_FILE = "trainer_state.json"
@@ -94,16 +102,46 @@ class Dist:
             torch.distributed.barrier()
 
 
+# Launchers: torchrun and `accelerate launch --multi_gpu` (torch's elastic agent underneath, also on CPU-only
+# machines) set RANK / WORLD_SIZE / LOCAL_RANK; mpirun (`accelerate launch --cpu --mpirun_hostfile`) sets the MPI
+# names (Intel MPI / MPICH, Open MPI, MVAPICH), read in that order after torch's own.
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError as e:
+                raise TrainingSetupError(f"environment variable {name}={value!r} is not an integer") from e
+    return default
+
+
 def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """The process group the launcher asked for (gloo on CPU, NCCL on CUDA); one process when none did."""
+    world = _env_int(_WORLD_VARS, 1)
+    rank = _env_int(_RANK_VARS, 0)
+    local_rank = _env_int(_LOCAL_RANK_VARS, 0)
+    if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") \
+            and "MASTER_ADDR" in os.environ:
+        # `accelerate launch --cpu --num_processes N` without --mpirun_hostfile starts one plain process (it sets
+        # MASTER_ADDR only when asked for several): training alone would silently change the global batch.
+        raise TrainingSetupError(
+            "accelerate launch --cpu started a single process (several CPU processes need its mpirun mode): use "
+            "accelerate launch --multi_gpu --num_processes N (DDP, gloo on CPU) or torchrun --nproc-per-node N")
+    if world > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise TrainingSetupError(f"{world} processes but MASTER_ADDR / MASTER_PORT are not set: launch with "
+                                 "torchrun or accelerate launch, or export both")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
 
 
@@ -202,8 +240,8 @@ class Trainer:
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if (cfg.method != "full" and self.autocast) else "float32"
-        if cfg.method == "qlora" and dev.type != "cuda":
-            quantize_for_qlora(None, dev, torch.bfloat16)  # raises the "needs a CUDA GPU" error
+        if cfg.method == "qlora":
+            require_bitsandbytes()  # before the (possibly long) load
         source = cfg.model
         if cfg.method == "full" and self.resume_dir:
             source = self.resume_dir  # full checkpoints are complete model directories
@@ -214,7 +252,14 @@ class Trainer:
         model.train()
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model = quantize_for_qlora(model, dev, torch.bfloat16) if cfg.method == "qlora" else model.to(dev)
+        self.quantized_layers = 0
+        if cfg.method == "qlora":
+            # NF4 layers compute in the autocast dtype: bfloat16 on CUDA, float32 on the CPU (exact there).
+            self.qlora_compute_dtype = torch.bfloat16 if self.autocast else torch.float32
+            model = quantize_for_qlora(model, dev, self.qlora_compute_dtype)
+            self.quantized_layers = count_4bit_linears(model)
+        else:
+            model = model.to(dev)
         torch.manual_seed(cfg.seed)  # adapter initialisation (gaussian A) is part of the run's seed
         if cfg.method in ("lora", "qlora"):
             model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target, cfg.use_dora)
@@ -374,6 +419,8 @@ class Trainer:
             print(f"idefics2 finetune: {cfg.method}, {n_train:,} trainable / {n_all:,} parameters, "
                   f"{len(self.train_samples)} samples, {self.total_steps} steps of {self.global_batch} samples, "
                   f"{self.dist.world} process(es), device {self.dist.device}, bf16 autocast {self.autocast}"
+                  + (f", {self.quantized_layers} linear layers in bitsandbytes 4-bit NF4 (double quant, compute "
+                     f"{str(self.qlora_compute_dtype).removeprefix('torch.')})" if self.quantized_layers else "")
                   + (f", resumed at step {self.step}" if self.step else ""), file=sys.stderr)
         bar = None
         if self.dist.main and cfg.progress:
