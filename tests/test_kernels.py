@@ -248,3 +248,32 @@ def test_quantized_kernels_decline_what_they_do_not_cover():
     assert K.int4_matmul(x4[:, :128], values[:, :64], s4[:, :2], z4[:, :2], 16) is None  # unsupported group
     grad_x = torch.randn(2, 128, requires_grad=True)
     assert K.int8_matmul(grad_x, q, scales) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 4, 9])
+def test_several_weights_in_one_call_match_separate_calls(b, dtype, kernel_calls):
+    x, _, _ = _data(b, 8, 96, dtype, False)
+    x = x.to(dtype)
+    weights = [_data(1, n, 96, dtype, False, seed=n)[1] for n in (64, 16, 16)]
+    kernel_calls.clear()
+    together = K.small_batch_linears(x, weights)
+    assert len(kernel_calls) == 1 or (dtype == torch.float32 and b < K.FP32_MIN_ROWS)  # one call for all three
+    for y, w in zip(together, weights):
+        torch.testing.assert_close(y, small_batch_linear(x, w), rtol=0, atol=0)
+
+
+def test_parallel_linears_calls_modules_that_are_not_plain_linears():
+    from idefics2.layers import Linear, parallel_linears
+
+    torch.manual_seed(0)
+    a, b = Linear(32, 16, bias=False), Linear(32, 8, bias=False)
+    x = torch.randn(2, 32)
+    seen = []
+    b.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        ya, yb = parallel_linears(x, a, b)  # b has a hook: both are called as modules
+    assert seen == [(2, 8)]
+    torch.testing.assert_close(ya, F.linear(x, a.weight))
+    torch.testing.assert_close(yb, F.linear(x, b.weight))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import small_batch_linear
+from .kernels import small_batch_linear, small_batch_linears
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -45,6 +45,15 @@ class Linear(nn.Linear):
         return small_batch_linear(x, self.weight, self.bias)
 
 
+def parallel_linears(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """[linear(x) for linear in linears]; plain bias-free `Linear`s without hooks share one kernel call
+    (q/k/v, gate/up). Anything else (adapters, quantized layers, hooks) is called as a module."""
+    if all(type(m) is Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
+           for m in linears):
+        return small_batch_linears(x, [m.weight for m in linears])
+    return [m(x) for m in linears]
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x)); no biases (connector and Mistral)."""
 
@@ -56,7 +65,8 @@ class GatedMLP(nn.Module):
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = parallel_linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 # torch < 2.5 returns NaN for query rows whose keys are all masked (newer versions return zeros) and has no

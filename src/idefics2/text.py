@@ -7,7 +7,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import MistralTextConfig
-from .layers import GatedMLP, Linear, RMSNorm, attention
+from .layers import GatedMLP, Linear, RMSNorm, attention, parallel_linears
 
 
 class RotaryEmbedding(nn.Module):
@@ -118,9 +118,10 @@ class MistralAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = parallel_linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:

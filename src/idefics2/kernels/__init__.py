@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "int4_matmul", "int8_matmul", "kernel_available", "kernel_status",
-           "small_batch_linear"]
+           "small_batch_linear", "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
@@ -146,6 +146,22 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     lead = x.shape[:-1]
     y = op.small_gemm(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.reshape(*lead, weight.shape[0])
+
+
+def small_batch_linears(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[F.linear(x, w) for w in weights] (bias-free, same in_features), in one kernel call when it applies.
+
+    One call packs x once and wakes the threads once for all the weights (q/k/v, gate/up at decode time).
+    """
+    if len(weights) < 2 or any(w.dtype != weights[0].dtype for w in weights) \
+            or not all(_kernel_applies(x, w, None) for w in weights):
+        return [small_batch_linear(x, w) for w in weights]
+    op = _ops()
+    if op is None:
+        return [_fallback(x, w, None) for w in weights]
+    lead = x.shape[:-1]
+    ys = op.small_gemm_multi(x.reshape(-1, x.shape[-1]), weights)
+    return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
 
 def _quantized_kernel_applies(x: torch.Tensor) -> bool:

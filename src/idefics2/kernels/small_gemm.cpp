@@ -269,18 +269,32 @@ void gemm_rows(const WT* w, const PackedX& px, const float* scale, const float* 
   }
 }
 
+// Several weights of the same K against one x (q/k/v, gate/up): x is packed once and one parallel loop runs
+// over the row groups of all of them, so the threads are woken once.
 template <typename WT, typename OT>
-void gemm(const WT* w, const float* x, const float* scale, const float* bias, OT* y, int64_t B, int64_t N,
-          int64_t K) {
+void gemm_multi(const std::vector<const WT*>& ws, const std::vector<int64_t>& ns, const float* x,
+                const float* scale, const float* bias, const std::vector<OT*>& ys, int64_t B, int64_t K) {
   constexpr int R = Simd::kRows;
   const PackedX px = pack_x<WT>(x, B, K);
-  const int64_t groups = (N + R - 1) / R;
+  std::vector<int64_t> first{0};  // first row group of each weight
+  for (int64_t n : ns) first.push_back(first.back() + (n + R - 1) / R);
   // Give each task at least ~128 KB of weights: below that, waking threads costs more than it saves.
   const int64_t group_bytes = R * K * static_cast<int64_t>(sizeof(WT));
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, group_bytes));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    gemm_rows<WT, OT>(w, px, scale, bias, y, N, g0 * R, std::min(N, g1 * R));
+  at::parallel_for(0, first.back(), grain, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t a = std::max(g0, first[i]), b = std::min(g1, first[i + 1]);
+      if (a < b)
+        gemm_rows<WT, OT>(ws[i], px, scale, bias, ys[i], ns[i], (a - first[i]) * R,
+                          std::min(ns[i], (b - first[i]) * R));
+    }
   });
+}
+
+template <typename WT, typename OT>
+void gemm(const WT* w, const float* x, const float* scale, const float* bias, OT* y, int64_t B, int64_t N,
+          int64_t K) {
+  gemm_multi<WT, OT>({w}, {N}, x, scale, bias, {y}, B, K);
 }
 
 std::string isa() {
@@ -330,6 +344,43 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& weight, const std::
     }
   }
   return y;
+}
+
+std::vector<at::Tensor> small_gemm_multi(const at::Tensor& x, at::TensorList weights) {
+  TORCH_CHECK(!weights.empty(), "small_gemm_multi: no weights");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_multi: CPU x [B, K]");
+  const int64_t B = x.size(0), K = x.size(1);
+  TORCH_CHECK(B <= kMaxB, "small_gemm_multi: at most ", kMaxB, " rows");
+  const auto wt = weights[0].scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "small_gemm_multi: fp32 or bf16 weights");
+  TORCH_CHECK(x.scalar_type() == wt || (x.scalar_type() == at::kFloat && wt == at::kBFloat16),
+              "small_gemm_multi: x must have the weights' dtype (or be fp32 with bf16 weights)");
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> ns;
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(1) == K && w.scalar_type() == wt && w.is_contiguous(),
+                "small_gemm_multi: contiguous CPU weights [N_i, K] of one dtype");
+    ns.push_back(w.size(0));
+    ys.push_back(at::empty({B, w.size(0)}, x.options()));
+  }
+  if (B == 0) return ys;
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  auto run = [&](auto* tag_w, auto* tag_y) {
+    using WT = std::remove_pointer_t<decltype(tag_w)>;
+    using OT = std::remove_pointer_t<decltype(tag_y)>;
+    std::vector<const WT*> wp;
+    std::vector<OT*> yp;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      wp.push_back(reinterpret_cast<const WT*>(weights[i].data_ptr()));
+      yp.push_back(reinterpret_cast<OT*>(ys[i].data_ptr()));
+    }
+    gemm_multi<WT, OT>(wp, ns, xp, nullptr, nullptr, yp, B, K);
+  };
+  if (wt == at::kFloat) run(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+  else if (x.scalar_type() == at::kFloat) run(static_cast<uint16_t*>(nullptr), static_cast<float*>(nullptr));
+  else run(static_cast<uint16_t*>(nullptr), static_cast<c10::BFloat16*>(nullptr));
+  return ys;
 }
 
 at::Tensor small_gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -561,6 +612,7 @@ bool has_int4() { return kHaveInt4; }
 
 TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &small_gemm);
+  m.def("small_gemm_multi(Tensor x, Tensor[] weights) -> Tensor[]", &small_gemm_multi);
   m.def("small_gemm_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor", &small_gemm_int8);
   m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
         &small_gemm_int4);
