@@ -428,4 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m idefics2.cli` runs this file as __main__, a second copy of the module whose UserError is
+    # not the one the subcommands raise: hand over to the imported module.
+    from idefics2.cli import main as package_main
+
+    sys.exit(package_main())
