@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from .engine import Engine, EngineRequest, ImageInput
 from .generation import GenerationConfig
+from .openmp import run_in_short_lived_thread, use_one_openmp_thread
 from .structured import Constraint, ConstraintError
 
 log = logging.getLogger("idefics2.server")
@@ -324,6 +326,10 @@ def metrics_text(service: Service) -> str:
 def create_app(service: Service):
     @asynccontextmanager
     async def lifespan(app):
+        # Request work (image decoding, processing) runs on these threads, single-threaded in torch, so that
+        # the engine thread's OpenMP team stays the only one (see idefics2.openmp).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="idefics2-request", initializer=use_one_openmp_thread))
         if not service.ready:
             service.start()
         yield
@@ -535,7 +541,10 @@ def serve(args) -> int:
     from .cli import load_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, processor = load_from_args(args)
+    # Loaded on a thread that then exits, and the main thread kept single-threaded: the engine thread's OpenMP
+    # team must be the process's only one (see idefics2.openmp).
+    model, processor = run_in_short_lived_thread(load_from_args, args)
+    use_one_openmp_thread()
     settings = ServerSettings(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
         api_key=args.api_key or os.environ.get("IDEFICS2_API_KEY") or None,
