@@ -1,11 +1,13 @@
 """Throughput and latency of `idefics2 serve` under concurrent clients, and the image-feature cache's gain.
 
-    python benchmarks/serve.py [--preset medium] [--clients 1,4,8,16] [--requests 16] [--max-tokens 32]
+    python benchmarks/serve.py [--preset medium] [--clients 1,4,8,16] [--requests 16] [--max-tokens 32,128]
 
 Starts the server on a random `--preset` checkpoint (127.0.0.1, free port), then for each client count sends
 `--requests` streaming chat requests (one distinct 378x378 image each, greedy, up to `--max-tokens` tokens)
 from that many concurrent clients. Prints aggregate generated tokens/s, p50/p95 time to first token, and the
-speed-up over the same requests sent one at a time. Then the same image in every request (feature cache hits)
+speed-up over the same requests sent one at a time, for each answer length in `--max-tokens`. Short answers
+are bound by the prefills (image encoding + prompt, compute-bound, so batching them gains nothing on a CPU);
+long answers by decoding, where batching pays. Then the same image in every request (feature cache hits)
 against distinct images, sequentially, comparing time to first token.
 """
 
@@ -30,6 +32,7 @@ from PIL import Image
 
 def image_uri(seed: int) -> str:
     image = Image.new("RGB", (378, 378), ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+    image.putpixel((0, 0), (seed & 255, (seed >> 8) & 255, (seed >> 16) & 255))  # a distinct image per seed
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -89,7 +92,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="use this checkpoint directory (with processor files)")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", default="32,128", help="answer lengths, one table each")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,18 +119,19 @@ def main() -> None:
                     time.sleep(0.5)
             # The model must not stop early, so that every level decodes the same number of tokens.
             one_request(base, image_uri(10_000), 2)  # warm-up
-            print(f"{args.requests} requests x {args.max_tokens} tokens, one 378x378 image each, {args.preset}")
-            print(f"{'clients':>8}{'tok/s':>10}{'speed-up':>10}{'ttft p50 s':>12}{'ttft p95 s':>12}")
-            sequential = None
-            for level in (int(c) for c in args.clients.split(",")):
-                # Distinct images per level, so no level profits from another's feature cache.
-                level_uris = [image_uri(i + 1000 * level) for i in range(args.requests)]
-                stats = run_level(base, level, level_uris, args.max_tokens)
-                if level == 1:
-                    sequential = stats["tokens_per_s"]
-                ratio = stats["tokens_per_s"] / sequential if sequential else float("nan")
-                print(f"{level:>8}{stats['tokens_per_s']:>10.1f}{ratio:>9.2f}x{stats['ttft_p50']:>12.2f}"
-                      f"{stats['ttft_p95']:>12.2f}")
+            for max_tokens in (int(t) for t in args.max_tokens.split(",")):
+                print(f"{args.requests} requests x {max_tokens} tokens, one 378x378 image each, {args.preset}")
+                print(f"{'clients':>8}{'tok/s':>10}{'speed-up':>10}{'ttft p50 s':>12}{'ttft p95 s':>12}")
+                sequential = None
+                for level in (int(c) for c in args.clients.split(",")):
+                    # Distinct images per level and length, so no run profits from another's feature cache.
+                    level_uris = [image_uri(i + 1000 * level + 100_000 * max_tokens) for i in range(args.requests)]
+                    stats = run_level(base, level, level_uris, max_tokens)
+                    if level == 1:
+                        sequential = stats["tokens_per_s"]
+                    ratio = stats["tokens_per_s"] / sequential if sequential else float("nan")
+                    print(f"{level:>8}{stats['tokens_per_s']:>10.1f}{ratio:>9.2f}x{stats['ttft_p50']:>12.2f}"
+                          f"{stats['ttft_p95']:>12.2f}")
             fresh = [one_request(base, image_uri(50_000 + i), 1)[0] for i in range(4)]
             same = image_uri(60_000)
             one_request(base, same, 1)
