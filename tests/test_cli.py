@@ -147,3 +147,17 @@ def test_json_schema_in_generate_and_batch(tiny, images, tmp_path):
     assert set(json.loads(by_id["own"]["answer"])) <= {"a", "b"}
     bad = idefics2("generate", "--model", tiny, "--prompt", "x", "--json-schema", tmp_path / "missing.json")
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_writes_a_checkpoint_that_generates(tiny, images, tmp_path, method):
+    _, paths = images
+    out = tmp_path / method
+    result = idefics2("quantize", "--model", tiny, "--method", method, "--output", out)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["method"] == method and config["int4_layout"] == "chunk128"
+    assert {"tokenizer.json", "preprocessor_config.json", "generation_config.json"} <= set(os.listdir(out))
+    result = idefics2("generate", "--model", out, "--image", paths[0], "--prompt", "What is this?",
+                      "--max-new-tokens", "4", "--seed", "0")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr

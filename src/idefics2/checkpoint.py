@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from . import kernels
 from .config import CONFIG_NAME, Idefics2Config
 
 WEIGHTS_NAME = "model.safetensors"
@@ -558,8 +559,10 @@ def load_pretrained(
     for name, param in expected.items():
         tensor = state.pop(name)
         if name in keep_dtype:
-            # torch's int8/int4 kernels assume aligned buffers; a file view is only 8-byte aligned.
-            loaded[name] = tensor.to(device=target_device).clone()
+            # Used as stored (a view of the file) by idefics2's kernels; torch's own int8/int4 ops, used where
+            # those cannot be built, assume aligned buffers, and a file view is only 8-byte aligned.
+            on_file = target_device.type == "cpu" and kernels.kernel_available()
+            loaded[name] = tensor.to(device=target_device) if on_file else tensor.to(device=target_device).clone()
             continue
         want = target_dtype if param.is_floating_point() else param.dtype
         if placements is None:

@@ -3,12 +3,12 @@
 Decoding on a CPU is bound by the bytes of weights streamed per token, so smaller weights decode faster:
 int8 per output channel and int4 in groups of 32/64/128 along the input. Decoding (<= 16 rows) runs on
 idefics2's streaming kernels (`idefics2.kernels`: int8 widened to fp32 in registers; int4 through AVX512-BF16
-dot products with bf16 activations); prefill and CPUs without them use torch's `aten._weight_int8pack_mm` and
-`aten._weight_int4pack_mm_for_cpu` (bf16 activations). Quantization is a model-to-model transform
+dot products with bf16 activations); prefill dequantizes a block of rows at a time for fp32 GEMM; CPUs without
+the kernels use torch's `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` (bf16 activations). Quantization is a model-to-model transform
 (`quantize_model`), applied at load time from a float checkpoint layer by layer, so the float model is never
 held in memory at once. On disk the tensors are device-neutral (int8 matrix + scales; int4 as two nibbles a
 byte in idefics2's chunk128 order + scales and zero points) and are used as stored by idefics2's kernels
-(torch's packed int4 layout is derived on first use only where the kernel does not apply).
+(torch's packed int4 layout is derived on first use only where the kernels are unavailable).
 The vision tower, the connector and `lm_head` stay in floating point.
 """
 
@@ -37,8 +37,9 @@ class QuantizedLinear(nn.Module):
     16-bit words; nibble j of word m holds element 32j + m, so one 64-byte load unpacks into four runs of 32
     consecutive elements with shifts and masks), `scales` and `zeros` [N, K / group];
     w = (q - 8) * scale + zero.
-    Up to 16 rows (decoding) run on idefics2's streaming kernels; larger inputs and CPUs without the kernel
-    use torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`.
+    Up to 16 rows (decoding) run on idefics2's streaming kernels; more rows (prefill) dequantize a block of rows
+    at a time to fp32 for the GEMM library; where the kernels cannot be built (or, for int4 decoding, the CPU
+    lacks AVX512-BF16) torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are used.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64) -> None:
@@ -101,20 +102,45 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantize().to(x.dtype))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.bits == 8:
-            if self._scales_fp32 is None:
-                self._scales_fp32 = self.scales.float()
-            y = kernels.int8_matmul(x2, self.qweight, self._scales_fp32)
-            if y is None:
-                y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.scales)
-        else:
-            y = kernels.int4_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size)
-            if y is None:
-                if self._packed is None:
-                    self._torch_int4_pack()
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self._packed,
-                                                             self.group_size, self._scales_and_zeros)
+        y = self._decode_kernel(x2)  # up to 16 rows
+        if y is None:
+            many_rows = x2.shape[0] > kernels.MAX_ROWS
+            y = self._matmul_by_blocks(x2) if many_rows and kernels.kernel_available() else self._torch_op(x2)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _decode_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        if self.bits == 8:
+            return kernels.int8_matmul(x2, self.qweight, self._fp32_scales())
+        return kernels.int4_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size)
+
+    def _fp32_scales(self) -> torch.Tensor:
+        if self._scales_fp32 is None:
+            self._scales_fp32 = self.scales.float()
+        return self._scales_fp32
+
+    def _matmul_by_blocks(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill): fp32 weights a block of rows at a time (<= 32 MiB), through the GEMM library."""
+        xf = x2.float()
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        block = max(256, (8 << 20) // self.in_features)
+        for n0 in range(0, self.out_features, block):
+            rows = slice(n0, min(self.out_features, n0 + block))
+            if self.bits == 8:
+                weight = kernels.dequantize_int8(self.qweight[rows], self._fp32_scales()[rows])
+            else:
+                weight = kernels.dequantize_int4(self.qweight[rows], self.scales[rows], self.zeros[rows],
+                                                 self.group_size)
+            out[:, rows] = xf @ weight.t()
+        return out
+
+    def _torch_op(self, x2: torch.Tensor) -> torch.Tensor:
+        """Where idefics2's kernels cannot be built: torch's own weight-only ops (bf16 activations)."""
+        xb = x2.to(torch.bfloat16).contiguous()
+        if self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales)
+        if self._packed is None:
+            self._torch_int4_pack()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self._packed, self.group_size, self._scales_and_zeros)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""

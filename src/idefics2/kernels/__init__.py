@@ -189,3 +189,18 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if op is None or not op.has_int4():
         return None
     return op.small_gemm_int4(x, qweight, scales, zeros, group_size)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """fp32 [N, K] = qweight * scales[:, None] (fp32 scales), or None where the kernel is unavailable."""
+    op = _ops()
+    return None if op is None or qweight.device.type != "cpu" else op.dequantize_int8(qweight, scales)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor | None:
+    """fp32 [N, K] of chunk128-packed int4 weights, or None where the kernel is unavailable."""
+    op = _ops()
+    if op is None or qweight.device.type != "cpu" or (qweight.shape[1] * 2) % 128 or group_size not in (32, 64, 128):
+        return None
+    return op.dequantize_int4(qweight, scales, zeros, group_size)

@@ -482,7 +482,8 @@ inline void int4_block(const uint8_t* w, int64_t ldw, const uint16_t* scale, int
     for (int b = 0; b < BC; ++b) total[r * BC + b] = tot[r][b];
 }
 
-constexpr int kInt4Rows = 4;         // 4 rows x 2 batch rows x (group + total) accumulators = 16 zmm
+// Rows x batch rows per pass, with (group + total) accumulators = 16 zmm either way: 4 x 2 keeps more weight
+// streams in flight for 1-2 rows; 2 x 4 decodes the weights half as often for more rows.
 constexpr int64_t kInt4Block = 512;  // K block when the batch takes several passes (a multiple of 128)
 
 // (zero - 24 * scale) . xsum over the groups of one row, for one batch row (16 groups at a time).
@@ -501,10 +502,10 @@ inline float int4_offset(const uint16_t* scale, const uint16_t* zero, const floa
   return s;
 }
 
-template <int R, int GROUP>
+template <int R, int C, int GROUP>
 void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint16_t* zero, int64_t G,
                const uint16_t* x, const float* xsum, int64_t B, int64_t K, float* out, bool prefetch) {
-  constexpr int C = 2;
+  static_assert(C == 2 || C == 4, "2 or 4 batch rows per pass");
   __m512 acc[R * kMaxB];
   for (int i = 0; i < R * B; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t block = B <= C ? K : kInt4Block;
@@ -517,7 +518,9 @@ void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint1
       const bool pf = prefetch && b0 == 0;
       switch (nb) {
         case 1: int4_block<R, 1, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
-        default: int4_block<R, 2, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
+        case 2: int4_block<R, 2, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
+        case 3: int4_block<R, C == 4 ? 3 : 2, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
+        default: int4_block<R, C, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
       }
     }
   }
@@ -530,10 +533,9 @@ void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint1
   }
 }
 
-template <int GROUP, typename OT>
-void int4_gemm(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x, const float* xsum,
-               OT* y, int64_t B, int64_t N, int64_t K) {
-  constexpr int R = kInt4Rows;
+template <int R, int C, int GROUP, typename OT>
+void int4_gemm_rc(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x,
+                  const float* xsum, OT* y, int64_t B, int64_t N, int64_t K) {
   const int64_t G = K / GROUP, ldw = K / 2, groups = (N + R - 1) / R;
   // Split as finely as for bf16 weights of the same shape: per byte, int4 takes 4x the work.
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * K * 2));
@@ -546,14 +548,22 @@ void int4_gemm(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, co
         for (int r = 0; r < rows; ++r) y[b * N + n + r] = static_cast<OT>(out[b * rows + r]);
     };
     for (; n + R <= n1; n += R) {
-      int4_rows<R, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out, n + 2 * R <= n1);
+      int4_rows<R, C, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out,
+                             n + 2 * R <= n1);
       emit(R);
     }
     for (; n < n1; ++n) {
-      int4_rows<1, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out, false);
+      int4_rows<1, C, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out, false);
       emit(1);
     }
   });
+}
+
+template <int GROUP, typename OT>
+void int4_gemm(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x, const float* xsum,
+               OT* y, int64_t B, int64_t N, int64_t K) {
+  if (B <= 2) int4_gemm_rc<4, 2, GROUP, OT>(w, scale, zero, x, xsum, y, B, N, K);
+  else int4_gemm_rc<2, 4, GROUP, OT>(w, scale, zero, x, xsum, y, B, N, K);
 }
 
 template <typename OT>
@@ -607,6 +617,59 @@ at::Tensor small_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+// Dequantize to fp32 for the matrix-matrix case (prefill): the caller multiplies block by block with the GEMM
+// library (fp32 sgemm beats bf16 matmul on CPUs without AMX, and beats torch's int8/int4 CPU ops), so only a
+// block of float weights exists at a time. w = q * scale (int8) or (q - 8) * scale + zero (int4).
+at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
+                  qweight.is_contiguous(), "dequantize_int8: contiguous CPU int8 qweight [N, K]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "dequantize_int8: scales must be fp32 [N]");
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) o[n * K + k] = static_cast<float>(q[n * K + k]) * s[n];  // vectorized by gcc
+  });
+  return out;
+}
+
+at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                           int64_t group_size) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  qweight.is_contiguous(), "dequantize_int4: contiguous CPU uint8 qweight [N, K / 2]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(K % 128 == 0 && (group_size == 32 || group_size == 64 || group_size == 128),
+              "dequantize_int4: K a multiple of 128, group 32, 64 or 128");
+  const int64_t G = K / group_size;
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * G,
+                "dequantize_int4: scales and zeros must be contiguous bf16 [N, K / group]");
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
+  const auto* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = q + n * (K / 2);
+      for (int64_t c = 0; c < K / 128; ++c)
+        for (int j = 0; j < 4; ++j) {
+          const int64_t k0 = 128 * c + 32 * j, g = k0 / group_size;
+          const float s = bf16_to_float(sp[n * G + g]), z = bf16_to_float(zp[n * G + g]);
+          for (int m = 0; m < 32; ++m) {  // nibble j of word m is element k0 + m
+            const unsigned word = row[64 * c + 2 * m] | (static_cast<unsigned>(row[64 * c + 2 * m + 1]) << 8);
+            o[n * K + k0 + m] = (static_cast<float>((word >> (4 * j)) & 15u) - 8.f) * s + z;
+          }
+        }
+    }
+  });
+  return out;
+}
+
 bool has_int4() { return kHaveInt4; }
 
 }  // namespace
@@ -617,6 +680,8 @@ TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor", &small_gemm_int8);
   m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
         &small_gemm_int4);
+  m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", &dequantize_int8);
+  m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &dequantize_int4);
   m.def("has_int4() -> bool", &has_int4);
   m.def("isa() -> str", &isa);
 }
