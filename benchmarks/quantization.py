@@ -63,6 +63,8 @@ with torch.inference_mode():
             cache = getattr(out, "past_key_values", None) or out.cache
         results[f"step_ms_b{b}"] = 1e3 * sorted(times[2:])[len(times[2:]) // 2]
 results["rss_mib"] = (status_kib("VmHWM") - base) / 1024
+layers = model.model.text_model.layers
+results["text_layer_mib"] = sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()]) / 2**20
 print(json.dumps(results))
 """
 
@@ -123,14 +125,29 @@ def main() -> None:
             cells = "".join(f"{r[f'step_ms_b{b}']:>14.1f}" for b in batches)
             speed = " ".join(f"{base[f'step_ms_b{b}'] / r[f'step_ms_b{b}']:.2f}x" for b in batches)
             print(f"{name:20}{cells}{r['rss_mib']:>14.0f}   speed vs our bf16: {speed}")
+        # Checkpoints as users load them: bf16 as saved in bf16, int8 / int4 as written by `idefics2 quantize`.
+        # Peak RSS covers the load and a short decode; the text layers' share is the peak minus what the bf16
+        # model holds outside its text layers.
+        bf16_dir = os.path.join(tmp, "bf16")
+        subprocess.run([sys.executable, "-c", "import sys, torch, idefics2; idefics2.Idefics2ForConditionalGeneration"
+                        ".from_pretrained(sys.argv[1], dtype=torch.bfloat16).save_pretrained(sys.argv[2])", path,
+                        bf16_dir], check=True, capture_output=True)
+        stored = {"bf16": run("ours-prequantized", bf16_dir, "1", 2)}
         for method in ("int8", "int4"):
             out = os.path.join(tmp, method)
             subprocess.run([sys.executable, "-m", "idefics2", "quantize", "--model", path, "--method", method,
                             "--output", out], check=True, capture_output=True)
-            loaded = run("ours-prequantized", out, "1", 2)  # a quantized checkpoint loads as stored
-            print(f"{method} checkpoint: load {loaded.get('load_s', float('nan')):.2f} s (float checkpoint + "
-                  f"quantize at load: {results[method]['load_s']:.2f} s), peak RSS {loaded.get('rss_mib', 0):.0f} "
-                  f"MiB vs {results['bf16']['rss_mib']:.0f} MiB for bf16 from the float checkpoint")
+            stored[method] = run("ours-prequantized", out, "1", 2)
+        if all("error" not in r for r in stored.values()):
+            outside = stored["bf16"]["rss_mib"] - stored["bf16"]["text_layer_mib"]
+            bf16_text = stored["bf16"]["text_layer_mib"]
+            for method, r in stored.items():
+                text_rss = r["rss_mib"] - outside
+                print(f"{method} checkpoint: load {r['load_s']:.2f} s, peak RSS {r['rss_mib']:.0f} MiB "
+                      f"({r['rss_mib'] / stored['bf16']['rss_mib']:.2f}x bf16); text layers {r['text_layer_mib']:.0f} "
+                      f"MiB in tensors, ~{text_rss:.0f} MiB of the peak = {text_rss / bf16_text:.2f}x bf16's")
+        else:
+            print("stored checkpoints failed:", {k: r.get("error") for k, r in stored.items()})
         for method, rel, top1, top1_confident in accuracy(path):
             print(f"{method}: relative logit error {rel:.4f}, top-1 agreement {top1:.3f} "
                   f"({top1_confident:.3f} on the upper-half-margin positions)")

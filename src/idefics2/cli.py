@@ -224,7 +224,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"{args.model!r} has no config.json: not an Idefics2 checkpoint directory")
     model = Idefics2ForConditionalGeneration.from_pretrained(
-        args.model, quantize=args.method, quantize_group_size=args.group_size
+        args.model, quantize=args.method, quantize_group_size=args.group_size,
+        dtype=None if args.dtype == "auto" else args.dtype,
     )
     model.save_pretrained(args.output)
     for name in os.listdir(args.model):  # processor and tokenizer files travel with the weights
@@ -375,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="float checkpoint directory")
     p.add_argument("--method", required=True, choices=["int8", "int4"], help="int8 per channel or int4 grouped")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"],
+                   help="dtype of the parts that stay in floating point (vision tower, connector, embeddings, "
+                        "lm_head, norms); bfloat16 (default) is what the int8/int4 kernels compute in; auto keeps "
+                        "the checkpoint's")
     p.add_argument("--output", required=True, help="output directory")
     p.set_defaults(func=cmd_quantize)
 
