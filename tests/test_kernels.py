@@ -277,3 +277,23 @@ def test_parallel_linears_calls_modules_that_are_not_plain_linears():
     assert seen == [(2, 8)]
     torch.testing.assert_close(ya, F.linear(x, a.weight))
     torch.testing.assert_close(yb, F.linear(x, b.weight))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_and_rope_match_the_torch_formulas(dtype):
+    from idefics2.text import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 1, 256, generator=g) * 3).to(dtype)
+    weight = torch.randn(256, generator=g).to(dtype)
+    expected = weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    torch.testing.assert_close(K.rms_norm(x, weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
+    q = torch.randn(2, 5, 16, 4, generator=g).transpose(1, 2).to(dtype)  # [B, H, T, D] as a strided view
+    cos, sin = torch.randn(2, 5, 4, generator=g).to(dtype), torch.randn(2, 5, 4, generator=g).to(dtype)
+    expected = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+    assert torch.equal(K.rope(q, cos, sin), expected)  # same roundings as the separate ops
+    # more than 16 rows (prefill) or autograd: the caller's torch code
+    assert K.rms_norm(torch.randn(17, 256), weight, 1e-5) is None
+    assert K.rope(torch.randn(1, 2, 17, 4), cos[:1, :1].expand(1, 17, 4).contiguous(), sin[:1, :1].expand(1, 17, 4).contiguous()) is None
+    assert K.rms_norm(torch.randn(1, 256, requires_grad=True), weight, 1e-5) is None

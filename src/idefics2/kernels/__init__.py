@@ -204,3 +204,23 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     if op is None or qweight.device.type != "cpu" or (qweight.shape[1] * 2) % 128 or group_size not in (32, 64, 128):
         return None
     return op.dequantize_int4(qweight, scales, zeros, group_size)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of up to 16 rows (decoding) in one op, or None: the caller computes it with torch ops."""
+    if (x.device.type != "cpu" or x.dim() < 1 or x.numel() > MAX_ROWS * x.shape[-1]
+            or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16)
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    op = _ops()
+    return None if op is None else op.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Rotary embedding of a decoding step (x [B, H, T, D], cos/sin [B, T, D]) in one op, or None."""
+    if (x.device.type != "cpu" or x.dim() != 4 or x.shape[0] * x.shape[2] > MAX_ROWS or cos.dtype != x.dtype
+            or sin.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16)
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    op = _ops()
+    return None if op is None else op.rope(x, cos, sin)

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -670,6 +671,82 @@ at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales, 
   return out;
 }
 
+// RMSNorm for decoding, one op instead of eight: y = weight * to_x_dtype(x * rsqrt(mean(x^2) + eps)), the
+// normalisation in fp32 and rounded to x's dtype before the scale, as the checkpoints were trained with it.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  const int64_t H = weight.numel();
+  TORCH_CHECK(weight.dim() == 1 && x.size(-1) == H, "rms_norm: weight [H] and x [..., H]");
+  for (auto t : {x.scalar_type(), weight.scalar_type()})
+    TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "rms_norm: fp32 or bf16 tensors");
+  const at::Tensor xc = x.contiguous(), wf = weight.to(at::kFloat).contiguous();
+  const auto out_type = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_type));
+  const int64_t rows = H ? x.numel() / H : 0;
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16, y_bf16 = out_type == at::kBFloat16;
+  const float* w = wf.data_ptr<float>();
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  for (int64_t r = 0; r < rows; ++r) {  // decoding: a handful of rows, each a few KB
+    std::vector<float> v(static_cast<size_t>(H));
+    for (int64_t h = 0; h < H; ++h)
+      v[h] = x_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(xp)[r * H + h])
+                    : static_cast<const float*>(xp)[r * H + h];
+    double sum = 0;  // fp64 accumulation: no order-dependent rounding to speak of
+    for (int64_t h = 0; h < H; ++h) sum += static_cast<double>(v[h]) * v[h];
+    const float inv = 1.f / std::sqrt(static_cast<float>(sum / H) + static_cast<float>(eps));
+    for (int64_t h = 0; h < H; ++h) {
+      float n = v[h] * inv;
+      if (x_bf16) n = static_cast<float>(c10::BFloat16(n));
+      const float out = w[h] * n;
+      if (y_bf16) static_cast<c10::BFloat16*>(yp)[r * H + h] = c10::BFloat16(out);
+      else static_cast<float*>(yp)[r * H + h] = out;
+    }
+  }
+  return y;
+}
+
+// Rotary embedding for decoding, one op instead of about ten: x * cos + rotate_half(x) * sin with x [B, H, T, D],
+// cos/sin [B, T, D] in x's dtype; each product and the sum are rounded to that dtype, as the torch ops do.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
+template <typename T>
+void rope_rows(const T* x, const T* c, const T* s, T* y, int64_t B, int64_t H, int64_t L, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < L; ++t) {
+        const T* xr = x + ((b * H + h) * L + t) * D;
+        const T* cr = c + (b * L + t) * D;
+        const T* sr = s + (b * L + t) * D;
+        T* yr = y + ((b * H + h) * L + t) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float rotated = d < half ? -static_cast<float>(xr[d + half]) : static_cast<float>(xr[d - half]);
+          const T a = static_cast<T>(static_cast<float>(xr[d]) * static_cast<float>(cr[d]));
+          const T r = static_cast<T>(static_cast<float>(static_cast<T>(rotated)) * static_cast<float>(sr[d]));
+          yr[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(r));
+        }
+      }
+}
+#pragma GCC pop_options
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(3) % 2 == 0, "rope: CPU x [B, H, T, D], D even");
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(1) == L && t->size(2) == D &&
+                    t->scalar_type() == x.scalar_type(), "rope: cos/sin [B, T, D] in x's dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "rope: fp32 or bf16");
+  const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor y = at::empty({B, H, L, D}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    rope_rows<float>(xc.data_ptr<float>(), cc.data_ptr<float>(), sc.data_ptr<float>(), y.data_ptr<float>(), B, H, L, D);
+  else
+    rope_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), cc.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>(),
+                             y.data_ptr<c10::BFloat16>(), B, H, L, D);
+  return y;
+}
+
 bool has_int4() { return kHaveInt4; }
 
 }  // namespace
@@ -682,6 +759,8 @@ TORCH_LIBRARY(idefics2_kernels, m) {
         &small_gemm_int4);
   m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", &dequantize_int8);
   m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &dequantize_int4);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rope);
   m.def("has_int4() -> bool", &has_int4);
   m.def("isa() -> str", &isa);
 }
