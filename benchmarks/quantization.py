@@ -1,9 +1,10 @@
 """Quantized decoding on the CPU: speed, memory, load time and accuracy, ours vs transformers, in one run.
 
-    python benchmarks/quantization.py [--preset medium] [--batches 1,8] [--steps 16]
+    python benchmarks/quantization.py [--preset medium] [--batches 1,8] [--steps 16] [--rounds 5]
 
 On one random `--preset` checkpoint: decode time per step (KV cache of a 100-token prompt) at each batch size for
-our bf16, int8, int4 and bitsandbytes nf4, and transformers' bf16 and bnb nf4; peak RSS of each load (each in
+our bf16, int8, int4 and bitsandbytes nf4, and transformers' bf16 and bnb nf4, all loaded in one process and timed
+in interleaved rounds (this machine's speed drifts by tens of percent over minutes); peak RSS of each load (each in
 its own subprocess, above the interpreter's baseline; loading from a float32 checkpoint reads it all, so the
 quantized checkpoints' own loads show the quantized footprint); load time of an int8 / int4 checkpoint written by
 `idefics2 quantize`; and accuracy against our bf16 model on random prompts: relative logit error and greedy top-1
@@ -69,6 +70,57 @@ print(json.dumps(results))
 """
 
 
+SPEED_CHILD = r"""
+import json, statistics, sys, time, torch
+import idefics2 as I
+import transformers as T
+path, names, batches, steps, rounds = sys.argv[1], sys.argv[2].split(","), [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4]), int(sys.argv[5])
+skip = ["model.vision_model", "model.connector", "lm_head"]
+def load(which):
+    if which.startswith("transformers"):
+        kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
+        if which.endswith("nf4"):
+            kwargs["quantization_config"] = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+        return T.Idefics2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+    kwargs = {"dtype": torch.bfloat16}
+    if which in ("int8", "int4"):
+        kwargs["quantize"] = which
+    elif which == "nf4":
+        kwargs["quantization_config"] = I.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_compute_dtype=torch.bfloat16)
+    return I.Idefics2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+models = {name: load(name) for name in names}
+def decode_ms(model, b):
+    out = model(input_ids=torch.randint(3, 30000, (b, 100)), use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "past_key_values", None) or out.cache
+    tok = torch.randint(3, 30000, (b, 1))
+    mask = torch.ones(b, 100 + steps + 2, dtype=torch.long)
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        out = model(input_ids=tok, attention_mask=mask[:, :101 + i], past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        cache = getattr(out, "past_key_values", None) or out.cache
+    return 1e3 * statistics.median(times[2:])
+samples = {f"{n}|{b}": [] for n in names for b in batches}
+with torch.inference_mode():
+    for _ in range(rounds):  # interleaved, so that a slow spell of the machine hits every variant alike
+        for b in batches:
+            for name, model in models.items():
+                samples[f"{name}|{b}"].append(decode_ms(model, b))
+print(json.dumps({k: statistics.median(v) for k, v in samples.items()}))
+"""
+
+
+def speeds(path: str, names: list[str], batches: str, steps: int, rounds: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SPEED_CHILD, path, ",".join(names), batches, str(steps), str(rounds)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"speed run failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run(which: str, path: str, batches: str, steps: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, which, path, batches, str(steps)], capture_output=True,
                           text=True, check=False)
@@ -105,6 +157,7 @@ def main() -> None:
     parser.add_argument("--checkpoint")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     args = parser.parse_args()
 
     from idefics2.presets import write_random_checkpoint
@@ -113,18 +166,17 @@ def main() -> None:
         path = args.checkpoint or write_random_checkpoint(args.preset, os.path.join(tmp, "ckpt"))
         batches = [int(b) for b in args.batches.split(",")]
         names = ["bf16", "int8", "int4", "nf4", "transformers-bf16", "transformers-nf4"]
-        results = {name: run(name, path, args.batches, args.steps) for name in names}
+        step_ms = speeds(path, names, args.batches, args.steps, args.rounds)
+        results = {name: run(name, path, "1", 2) for name in names}  # load time and peak RSS, one process each
         header = "".join(f"{'step ms b' + str(b):>14}" for b in batches)
-        print(f"{'':20}{header}{'peak RSS MiB':>14}{'vs bf16':>9}")
-        base = results["bf16"]
+        print(f"decode step: median of {args.rounds} interleaved rounds of {args.steps} steps (100-token prefix)")
+        print(f"{'':20}{header}{'peak RSS MiB':>14} (loading the float checkpoint)")
         for name in names:
             r = results[name]
-            if "error" in r:
-                print(f"{name:20}  failed: {r['error']}")
-                continue
-            cells = "".join(f"{r[f'step_ms_b{b}']:>14.1f}" for b in batches)
-            speed = " ".join(f"{base[f'step_ms_b{b}'] / r[f'step_ms_b{b}']:.2f}x" for b in batches)
-            print(f"{name:20}{cells}{r['rss_mib']:>14.0f}   speed vs our bf16: {speed}")
+            cells = "".join(f"{step_ms[f'{name}|{b}']:>14.1f}" for b in batches)
+            speed = " ".join(f"{step_ms[f'bf16|{b}'] / step_ms[f'{name}|{b}']:.2f}x" for b in batches)
+            rss = f"{r['rss_mib']:>14.0f}" if "error" not in r else f"  failed: {r['error']}"
+            print(f"{name:20}{cells}{rss}   speed vs our bf16: {speed}")
         # Checkpoints as users load them: bf16 as saved in bf16, int8 / int4 as written by `idefics2 quantize`.
         # Peak RSS covers the load and a short decode; the text layers' share is the peak minus what the bf16
         # model holds outside its text layers.

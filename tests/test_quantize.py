@@ -101,3 +101,17 @@ def test_int4_checkpoint_from_the_early_layout_is_refused(checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantize the float checkpoint again"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_int8_projections_share_one_kernel_call_with_the_same_results():
+    from idefics2.layers import parallel_linears
+
+    torch.manual_seed(0)
+    layers = [QuantizedLinear.from_linear(torch.nn.Linear(256, n, bias=False), 8) for n in (128, 64, 64)]
+    x = torch.randn(2, 1, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        together = parallel_linears(x, *layers)
+        alone = [layer(x) for layer in layers]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    int4 = [QuantizedLinear.from_linear(torch.nn.Linear(256, 64, bias=False), 4) for _ in range(2)]
+    assert QuantizedLinear.parallel_forward(x, tuple(int4)) is None  # int4: module by module

@@ -50,11 +50,17 @@ class Linear(nn.Linear):
 
 
 def parallel_linears(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
-    """[linear(x) for linear in linears]; plain bias-free `Linear`s without hooks share one kernel call
-    (q/k/v, gate/up). Anything else (adapters, quantized layers, hooks) is called as a module."""
-    if all(type(m) is Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
-           for m in linears):
-        return small_batch_linears(x, [m.weight for m in linears])
+    """[linear(x) for linear in linears]; layers of one kind without hooks share one kernel call where the
+    kind has one (q/k/v, gate/up): plain bias-free `Linear`s, int8 `QuantizedLinear`s (its `parallel_forward`).
+    Anything else (adapters, other quantized layers, hooks) is called module by module."""
+    kind = type(linears[0])
+    if all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in linears):
+        if kind is Linear and all(m.bias is None for m in linears):
+            return small_batch_linears(x, [m.weight for m in linears])
+        parallel_forward = getattr(kind, "parallel_forward", None)
+        outputs = parallel_forward(x, linears) if parallel_forward is not None else None
+        if outputs is not None:
+            return outputs
     return [m(x) for m in linears]
 
 

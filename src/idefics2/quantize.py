@@ -108,6 +108,17 @@ class QuantizedLinear(nn.Module):
             y = self._matmul_by_blocks(x2) if many_rows and kernels.kernel_available() else self._torch_op(x2)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    @staticmethod
+    def parallel_forward(x: torch.Tensor, layers: tuple[QuantizedLinear, ...]) -> list[torch.Tensor] | None:
+        """int8 layers of the same in_features at decode time in one kernel call (q/k/v, gate/up), or None."""
+        if x.device.type != "cpu" or any(m.bits != 8 or m.in_features != x.shape[-1] for m in layers):
+            return None
+        ys = kernels.int8_matmuls(x.reshape(-1, x.shape[-1]), [m.qweight for m in layers],
+                                  [m._fp32_scales() for m in layers])
+        if ys is None:
+            return None
+        return [y.reshape(*x.shape[:-1], m.out_features).to(x.dtype) for y, m in zip(ys, layers)]
+
     def _decode_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
         if self.bits == 8:
             return kernels.int8_matmul(x2, self.qweight, self._fp32_scales())

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "int4_matmul", "int8_matmul", "kernel_available", "kernel_status",
-           "small_batch_linear", "small_batch_linears"]
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "int4_matmul", "int8_matmul", "int8_matmuls", "kernel_available",
+           "kernel_status", "small_batch_linear", "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
@@ -175,6 +175,14 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
         return None
     op = _ops()
     return None if op is None else op.small_gemm_int8(x, qweight, scales, None)
+
+
+def int8_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """`int8_matmul` for several weights of the same in_features in one kernel call, or None."""
+    if not _quantized_kernel_applies(x):
+        return None
+    op = _ops()
+    return None if op is None else op.small_gemm_int8_multi(x, qweights, scales)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

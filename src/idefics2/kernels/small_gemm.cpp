@@ -274,7 +274,8 @@ void gemm_rows(const WT* w, const PackedX& px, const float* scale, const float* 
 // over the row groups of all of them, so the threads are woken once.
 template <typename WT, typename OT>
 void gemm_multi(const std::vector<const WT*>& ws, const std::vector<int64_t>& ns, const float* x,
-                const float* scale, const float* bias, const std::vector<OT*>& ys, int64_t B, int64_t K) {
+                const std::vector<const float*>& scales, const float* bias, const std::vector<OT*>& ys, int64_t B,
+                int64_t K) {
   constexpr int R = Simd::kRows;
   const PackedX px = pack_x<WT>(x, B, K);
   std::vector<int64_t> first{0};  // first row group of each weight
@@ -286,7 +287,7 @@ void gemm_multi(const std::vector<const WT*>& ws, const std::vector<int64_t>& ns
     for (size_t i = 0; i < ws.size(); ++i) {
       const int64_t a = std::max(g0, first[i]), b = std::min(g1, first[i + 1]);
       if (a < b)
-        gemm_rows<WT, OT>(ws[i], px, scale, bias, ys[i], ns[i], (a - first[i]) * R,
+        gemm_rows<WT, OT>(ws[i], px, scales[i], bias, ys[i], ns[i], (a - first[i]) * R,
                           std::min(ns[i], (b - first[i]) * R));
     }
   });
@@ -295,7 +296,7 @@ void gemm_multi(const std::vector<const WT*>& ws, const std::vector<int64_t>& ns
 template <typename WT, typename OT>
 void gemm(const WT* w, const float* x, const float* scale, const float* bias, OT* y, int64_t B, int64_t N,
           int64_t K) {
-  gemm_multi<WT, OT>({w}, {N}, x, scale, bias, {y}, B, K);
+  gemm_multi<WT, OT>({w}, {N}, x, {scale}, bias, {y}, B, K);
 }
 
 std::string isa() {
@@ -376,7 +377,7 @@ std::vector<at::Tensor> small_gemm_multi(const at::Tensor& x, at::TensorList wei
       wp.push_back(reinterpret_cast<const WT*>(weights[i].data_ptr()));
       yp.push_back(reinterpret_cast<OT*>(ys[i].data_ptr()));
     }
-    gemm_multi<WT, OT>(wp, ns, xp, nullptr, nullptr, yp, B, K);
+    gemm_multi<WT, OT>(wp, ns, xp, std::vector<const float*>(wp.size(), nullptr), nullptr, yp, B, K);
   };
   if (wt == at::kFloat) run(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
   else if (x.scalar_type() == at::kFloat) run(static_cast<uint16_t*>(nullptr), static_cast<float*>(nullptr));
@@ -412,6 +413,42 @@ at::Tensor small_gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const
                                 y.data_ptr<c10::BFloat16>(), B, N, K);
   }
   return y;
+}
+
+// Several int8 weights of the same K against one x (q/k/v, gate/up), in one parallel loop.
+std::vector<at::Tensor> small_gemm_int8_multi(const at::Tensor& x, at::TensorList qweights, at::TensorList scales) {
+  TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(), "small_gemm_int8_multi: one scale per weight");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_int8_multi: CPU x [B, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int8_multi: fp32 or bf16 x");
+  const int64_t B = x.size(0), K = x.size(1);
+  TORCH_CHECK(B <= kMaxB, "small_gemm_int8_multi: at most ", kMaxB, " rows");
+  std::vector<const int8_t*> wp;
+  std::vector<const float*> sp;
+  std::vector<int64_t> ns;
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const at::Tensor& q = qweights[i];
+    TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == K &&
+                    q.is_contiguous(), "small_gemm_int8_multi: contiguous int8 qweights [N_i, K]");
+    TORCH_CHECK(scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].numel() == q.size(0),
+                "small_gemm_int8_multi: fp32 scales [N_i]");
+    wp.push_back(q.data_ptr<int8_t>());
+    sp.push_back(scales[i].data_ptr<float>());
+    ns.push_back(q.size(0));
+    ys.push_back(at::empty({B, q.size(0)}, x.options()));
+  }
+  if (B == 0) return ys;
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (x.scalar_type() == at::kFloat) {
+    std::vector<float*> yp;
+    for (auto& y : ys) yp.push_back(y.data_ptr<float>());
+    gemm_multi<int8_t, float>(wp, ns, xf.data_ptr<float>(), sp, nullptr, yp, B, K);
+  } else {
+    std::vector<c10::BFloat16*> yp;
+    for (auto& y : ys) yp.push_back(y.data_ptr<c10::BFloat16>());
+    gemm_multi<int8_t, c10::BFloat16>(wp, ns, xf.data_ptr<float>(), sp, nullptr, yp, B, K);
+  }
+  return ys;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -755,6 +792,7 @@ TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &small_gemm);
   m.def("small_gemm_multi(Tensor x, Tensor[] weights) -> Tensor[]", &small_gemm_multi);
   m.def("small_gemm_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor", &small_gemm_int8);
+  m.def("small_gemm_int8_multi(Tensor x, Tensor[] qweights, Tensor[] scales) -> Tensor[]", &small_gemm_int8_multi);
   m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
         &small_gemm_int4);
   m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", &dequantize_int8);
