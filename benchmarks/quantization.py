@@ -21,20 +21,18 @@ import subprocess
 import sys
 import tempfile
 
-CHILD = r"""
-import json, sys, time, torch
-which, path, batches, steps = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4])
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
-if which.startswith("transformers"):
-    import transformers as T
-    kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
-    if which.endswith("nf4"):
-        kwargs["quantization_config"] = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["model.vision_model", "model.connector", "lm_head"])
-    Model = T.Idefics2ForConditionalGeneration
-else:
+LOAD = r"""
+import torch
+def load(which, path):
+    # one variant: ours (bf16, int8, int4, nf4, or a checkpoint as stored) or transformers' (bf16, nf4)
+    skip = ["model.vision_model", "model.connector", "lm_head"]
+    if which.startswith("transformers"):
+        import transformers as T
+        kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
+        if which.endswith("nf4"):
+            kwargs["quantization_config"] = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+        return T.Idefics2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
     import idefics2 as I
     kwargs = {"dtype": torch.bfloat16}
     if which in ("int8", "int4"):
@@ -42,10 +40,19 @@ else:
     elif which == "nf4":
         kwargs["quantization_config"] = I.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                              bnb_4bit_compute_dtype=torch.bfloat16)
-    Model = I.Idefics2ForConditionalGeneration
+    return I.Idefics2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+"""
+
+CHILD = LOAD + r"""
+import json, sys, time, torch
+which, path, batches, steps = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4])
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+import idefics2, transformers  # noqa: F401  (imported before the baseline: the peak counts the model only)
 base = status_kib("VmRSS")
 t = time.perf_counter()
-model = Model.from_pretrained(path, **kwargs).eval()
+model = load(which, path)
 load_s = time.perf_counter() - t
 results = {"load_s": load_s}
 with torch.inference_mode():
@@ -70,27 +77,10 @@ print(json.dumps(results))
 """
 
 
-SPEED_CHILD = r"""
+SPEED_CHILD = LOAD + r"""
 import json, statistics, sys, time, torch
-import idefics2 as I
-import transformers as T
 path, names, batches, steps, rounds = sys.argv[1], sys.argv[2].split(","), [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4]), int(sys.argv[5])
-skip = ["model.vision_model", "model.connector", "lm_head"]
-def load(which):
-    if which.startswith("transformers"):
-        kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
-        if which.endswith("nf4"):
-            kwargs["quantization_config"] = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
-        return T.Idefics2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
-    kwargs = {"dtype": torch.bfloat16}
-    if which in ("int8", "int4"):
-        kwargs["quantize"] = which
-    elif which == "nf4":
-        kwargs["quantization_config"] = I.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                             bnb_4bit_compute_dtype=torch.bfloat16)
-    return I.Idefics2ForConditionalGeneration.from_pretrained(path, **kwargs).eval()
-models = {name: load(name) for name in names}
+models = {name: load(name, path) for name in names}
 def decode_ms(model, b):
     out = model(input_ids=torch.randint(3, 30000, (b, 100)), use_cache=True, logits_to_keep=1)
     cache = getattr(out, "past_key_values", None) or out.cache

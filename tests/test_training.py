@@ -464,16 +464,8 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
                          env=_env(), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stderr
-    Trainer(run_config(tiny_dir, data_file, tmp_path / "one", method="full", batch_size=2, max_steps=3,
-                       learning_rate=1e-4, freeze=["vision"])).train()
-    ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
-    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    assert ddp.keys() == one.keys()
-    moved = 0
-    for name in one:
-        assert (ddp[name] - one[name]).abs().max() <= 1e-5, name
-        moved += not torch.equal(one[name], base[name])
-    assert moved > 10
+    one = _one_process_double_batch(tiny_dir, data_file, tmp_path / "one")
+    _assert_trained_alike(tiny_dir, load_file(tmp_path / "ddp" / "model.safetensors"), one)
     # FSDP (sharded full fine-tuning, with a sharded checkpoint gathered on rank 0) trains the same parameters.
     run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "idefics2.training", "finetune",
                           *args, "--batch-size", "1", "--fsdp", "--save-steps", "2", "--output",
@@ -485,6 +477,28 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
     assert (tmp_path / "fsdp" / "checkpoint-2" / "optimizer.pt").is_file()
     assert losses(tmp_path / "ddp" / "metrics.jsonl")[1] == pytest.approx(losses(tmp_path / "one" /
                                                                                  "metrics.jsonl")[1], abs=1e-5)
+
+
+def _one_process_double_batch(tiny_dir: str, data_file: str, out) -> dict:
+    """The single-process run that 2 processes x batch 1 must reproduce: batch 2, 3 steps, full tuning."""
+    from safetensors.torch import load_file
+
+    Trainer(run_config(tiny_dir, data_file, out, method="full", batch_size=2, max_steps=3, learning_rate=1e-4,
+                       freeze=["vision"])).train()
+    return load_file(out / "model.safetensors")
+
+
+def _assert_trained_alike(tiny_dir: str, multi: dict, one: dict) -> None:
+    """Same parameters (<= 1e-5) after training, and training did move them."""
+    from safetensors.torch import load_file
+
+    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    assert multi.keys() == one.keys()
+    moved = 0
+    for name in one:
+        assert (multi[name] - one[name]).abs().max() <= 1e-5, name
+        moved += not torch.equal(one[name], base[name])
+    assert moved > 10
 
 
 def _free_port() -> int:
@@ -513,16 +527,8 @@ def test_accelerate_launch_two_processes_equal_one_process_double_batch(tiny_dir
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stderr
-    Trainer(run_config(tiny_dir, data_file, tmp_path / "one", method="full", batch_size=2, max_steps=3,
-                       learning_rate=1e-4, freeze=["vision"])).train()
-    ddp, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
-    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    assert ddp.keys() == one.keys()
-    moved = 0
-    for name in one:
-        assert (ddp[name] - one[name]).abs().max() <= 1e-5, name
-        moved += not torch.equal(one[name], base[name])
-    assert moved > 10
+    one = _one_process_double_batch(tiny_dir, data_file, tmp_path / "one")
+    _assert_trained_alike(tiny_dir, load_file(tmp_path / "ddp" / "model.safetensors"), one)
     assert losses(tmp_path / "ddp" / "metrics.jsonl")[3] == pytest.approx(losses(tmp_path / "one" /
                                                                                  "metrics.jsonl")[3], abs=1e-5)
     # --cpu without mpirun starts one plain process: refused in one line instead of training with half the batch.
