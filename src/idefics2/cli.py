@@ -38,6 +38,16 @@ def load_model_and_processor(model_dir: str, dtype: str = "auto", threads: int |
     processor = Idefics2Processor.from_pretrained(model_dir)
     if image_splitting is not None:
         processor.image_processor.do_image_splitting = image_splitting
+    if model.device.type == "cpu":
+        # The decode kernels compile on first use (once per machine, then cached): do it here, not inside the
+        # first request's timing.
+        from . import kernels
+
+        start = time.perf_counter()
+        kernels.kernel_available()
+        if time.perf_counter() - start > 2:
+            print(f"built idefics2's CPU kernels in {time.perf_counter() - start:.0f} s ({kernels.kernel_status()}; "
+                  "cached for later runs)", file=sys.stderr)
     return model, processor
 
 
