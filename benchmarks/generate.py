@@ -18,18 +18,7 @@ import tempfile
 import time
 
 import torch
-
-
-def streaming_bandwidth() -> float:
-    """Bytes/s for reading a buffer far larger than the caches (best of 5)."""
-    x = torch.ones(256 * 2**20 // 4)  # 256 MiB
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
+from bench_common import streaming_bandwidth
 
 
 def make_inputs(config: dict, batch: int, dtype: torch.dtype) -> dict:

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_common import streaming_bandwidth
 
 from idefics2.kernels import kernel_status, small_batch_linear
 
@@ -27,17 +28,6 @@ SHAPES = {  # [out, in] of the text decoder's matmuls
     "8b": {"qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
 POOL_BYTES = 640 * 2**20  # more than the 260 MiB L3 of this machine: every call streams from DRAM
-
-
-def streaming_bandwidth() -> float:
-    x = torch.ones(256 * 2**20 // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(7):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
 
 
 def time_pool(fn, xs, ws, repeats: int) -> float:
@@ -62,7 +52,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
 
-    ref = streaming_bandwidth()
+    ref = streaming_bandwidth(7)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernel: {kernel_status()}")
     print(f"streaming reference x.sum() over 256 MiB: {ref / 1e9:.1f} GB/s\n")
     print(f"{'dtype':8} {'shape':16} {'B':>3} {'F.linear':>9} {'ours':>9} {'ratio':>6} {'ours/ref':>8}  (GB/s)")

@@ -171,10 +171,8 @@ def _quantized_kernel_applies(x: torch.Tensor) -> bool:
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """x [B, K] @ (qweight [N, K] int8 * scales [N] fp32)^T in fp32 arithmetic, or None (use torch's op)."""
-    if not _quantized_kernel_applies(x):
-        return None
-    op = _ops()
-    return None if op is None else op.small_gemm_int8(x, qweight, scales, None)
+    ys = int8_matmuls(x, [qweight], [scales])
+    return None if ys is None else ys[0]
 
 
 def int8_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor] | None:

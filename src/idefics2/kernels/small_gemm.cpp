@@ -385,37 +385,7 @@ std::vector<at::Tensor> small_gemm_multi(const at::Tensor& x, at::TensorList wei
   return ys;
 }
 
-at::Tensor small_gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "small_gemm_int8: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "small_gemm_int8: x [B, K] and qweight [N, K]");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "small_gemm_int8: contiguous int8 qweight");
-  const int64_t B = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) == K, "small_gemm_int8: x and qweight disagree on in_features");
-  TORCH_CHECK(B <= kMaxB, "small_gemm_int8: at most ", kMaxB, " rows");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int8: fp32 or bf16 x");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
-              "small_gemm_int8: scales must be fp32 [N]");
-  at::Tensor y = at::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return y;
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "small_gemm_int8: bias must be [N]");
-    bf = bias->to(at::kFloat).contiguous();
-  }
-  const int8_t* wp = qweight.data_ptr<int8_t>();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == at::kFloat) {
-    gemm<int8_t, float>(wp, xf.data_ptr<float>(), scales.data_ptr<float>(), bp, y.data_ptr<float>(), B, N, K);
-  } else {
-    gemm<int8_t, c10::BFloat16>(wp, xf.data_ptr<float>(), scales.data_ptr<float>(), bp,
-                                y.data_ptr<c10::BFloat16>(), B, N, K);
-  }
-  return y;
-}
-
-// Several int8 weights of the same K against one x (q/k/v, gate/up), in one parallel loop.
+// int8 weights (one, or several of the same K against one x: q/k/v, gate/up), in one parallel loop.
 std::vector<at::Tensor> small_gemm_int8_multi(const at::Tensor& x, at::TensorList qweights, at::TensorList scales) {
   TORCH_CHECK(!qweights.empty() && qweights.size() == scales.size(), "small_gemm_int8_multi: one scale per weight");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_int8_multi: CPU x [B, K]");
@@ -724,8 +694,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* w = wf.data_ptr<float>();
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
+  std::vector<float> v(static_cast<size_t>(H));
   for (int64_t r = 0; r < rows; ++r) {  // decoding: a handful of rows, each a few KB
-    std::vector<float> v(static_cast<size_t>(H));
     for (int64_t h = 0; h < H; ++h)
       v[h] = x_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(xp)[r * H + h])
                     : static_cast<const float*>(xp)[r * H + h];
@@ -791,7 +761,6 @@ bool has_int4() { return kHaveInt4; }
 TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &small_gemm);
   m.def("small_gemm_multi(Tensor x, Tensor[] weights) -> Tensor[]", &small_gemm_multi);
-  m.def("small_gemm_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor", &small_gemm_int8);
   m.def("small_gemm_int8_multi(Tensor x, Tensor[] qweights, Tensor[] scales) -> Tensor[]", &small_gemm_int8_multi);
   m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
         &small_gemm_int4);
