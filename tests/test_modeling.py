@@ -254,6 +254,13 @@ def test_unknown_attn_implementation(small, tmp_path):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flashy")
 
 
+def test_inputs_on_another_device_are_a_clear_error(small):
+    config, model = small
+    ids = torch.tensor([[1, 5, 7]], device="meta")  # stands in for CUDA inputs given to a CPU model
+    with pytest.raises(ValueError, match=r"input_ids are on meta but the model is on cpu: move the inputs"):
+        model(input_ids=ids)
+
+
 def test_flash_attention_without_flash_attn_is_a_clear_error(small):
     pytest.importorskip("torch")
     config, model = small

@@ -409,7 +409,9 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    # Keep the caller's PYTHONPATH after ours: packages may come from there (e.g. bitsandbytes on a GPU machine).
+    path = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_path):

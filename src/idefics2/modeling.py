@@ -340,6 +340,14 @@ class Idefics2Model(Idefics2PreTrainedModel):
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        embed = self.text_model.embed_tokens
+        # A device_map dict puts a hook on the embedding that moves its input; without one, torch would fail
+        # deep inside index_select.
+        if not embed._forward_pre_hooks and input_ids.device != embed.weight.device:
+            raise ValueError(
+                f"input_ids are on {input_ids.device} but the model is on {embed.weight.device}: "
+                f"move the inputs first, e.g. inputs.to(model.device)"
+            )
         vocab = self.config.text_config.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ValueError(
