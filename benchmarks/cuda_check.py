@@ -5,11 +5,12 @@ Everything is compared with transformers (the reference) on the same GPU in the 
   2. flash-attn 2: used where installed, else the clear error;
   3. bitsandbytes 4-bit nf4 / 8-bit on CUDA: logits against transformers' bnb model;
   4. device_map mixing cuda and cpu, and "auto": logits equal to the one-device model;
-  5. decode speed (bf16, greedy, a fixed number of new tokens) at batch 1 and 8 on the `medium` preset,
-     ours / transformers as a ratio, plus the peak GPU memory of each.
+  5. decode speed (bf16, greedy, a fixed number of new tokens) at batch 1 and 8 on the `medium` preset
+     (and with --real-size on idefics2-8b shapes, random weights made on the GPU), ours / transformers as a
+     ratio, plus the peak GPU memory of each.
 Prints one JSON line per check; exits non-zero when a parity check fails.
 
-    python benchmarks/cuda_check.py [--skip-speed] [--new-tokens 64]
+    python benchmarks/cuda_check.py [--skip-speed] [--real-size] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from reference import left_pad, make_prompt, pad_images, reference_model, tiny_c
 
 import idefics2  # noqa: E402
 
+FIXTURE_8B = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "idefics2-8b")
 FAILURES: list[str] = []
 DEVICE = "cuda"  # --device cpu: a dry run of the same steps on a machine without a GPU
 
@@ -163,30 +165,40 @@ def device_map_checks(path: str, config: dict) -> None:
                devices=devices)
 
 
-def decode_speed(new_tokens: int) -> None:
-    import transformers
+def torchvision_processor_check() -> None:
+    """Informational: where torchvision is installed transformers' AutoProcessor defaults to its torchvision
+    image processor; how far is it from the PIL one (our parity target, which we match to 1e-6)?"""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
 
-    from idefics2.cli import main as cli_main
+    default = AutoProcessor.from_pretrained(FIXTURE_8B)
+    ours = idefics2.Idefics2Processor.from_pretrained(FIXTURE_8B)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((480, 640), (1080, 1920))]
+    text = ["<image>Hi", "<image>Yo"]
+    theirs = default(text=text, images=[[i] for i in images], return_tensors="pt", padding=True)
+    mine = ours(text=text, images=[[i] for i in images], return_tensors="pt", padding=True)
+    same_shape = theirs["pixel_values"].shape == mine["pixel_values"].shape
+    report("transformers' default image processor here", None,
+           image_processor=type(default.image_processor).__name__,
+           max_abs_diff_to_ours=(theirs["pixel_values"] - mine["pixel_values"]).abs().max().item() if same_shape
+           else f"shapes {tuple(theirs['pixel_values'].shape)} vs {tuple(mine['pixel_values'].shape)}",
+           ids_equal=bool(torch.equal(theirs["input_ids"], mine["input_ids"])))
 
-    path = os.path.join(tempfile.mkdtemp(), "medium")
-    cli_main(["init-random", "--preset", "medium", path])
-    processor = idefics2.Idefics2Processor.from_pretrained(path)
+
+def time_generation(label: str, loaders: dict, processor, new_tokens: int, batches: tuple[int, ...]) -> None:
+    """Prefill latency and decode tokens/s of each model (bf16, greedy, exactly `new_tokens` new tokens)."""
     from PIL import Image
 
     image = Image.new("RGB", (378, 378), (120, 30, 200))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     device = torch.device(DEVICE)
-    models = {
-        "ours": lambda: idefics2.Idefics2ForConditionalGeneration.from_pretrained(
-            path, dtype=torch.bfloat16, device_map=DEVICE),
-        "transformers": lambda: transformers.Idefics2ForConditionalGeneration.from_pretrained(
-            path, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval(),
-    }
     results: dict[str, dict] = {}
-    for name, load in models.items():
+    for name, load in loaders.items():
         model = load()
-        for batch in (1, 8):
+        for batch in batches:
             inputs = processor(text=[prompt] * batch, images=[[image]] * batch, return_tensors="pt",
                                do_image_splitting=False)
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -212,16 +224,56 @@ def decode_speed(new_tokens: int) -> None:
                 prefill_s=round(best_prefill, 4), decode_tok_s=round(batch * (new_tokens - 1) / decode_s, 1),
                 peak_gib=peak_gib())
         del model
-    for batch in (1, 8):
+        reset_peak()
+    for batch in batches:
         o, t = results["ours"][batch], results["transformers"][batch]
-        report(f"bf16 decode speed batch {batch} (medium preset)", None, ours=o, transformers=t,
+        report(f"bf16 decode speed batch {batch} ({label})", None, ours=o, transformers=t,
                decode_ratio=round(o["decode_tok_s"] / t["decode_tok_s"], 2),
                prefill_ratio=round(t["prefill_s"] / o["prefill_s"], 2))
+
+
+def medium_speed(new_tokens: int) -> None:
+    import transformers
+
+    from idefics2.cli import main as cli_main
+
+    path = os.path.join(tempfile.mkdtemp(), "medium")
+    cli_main(["init-random", "--preset", "medium", path])
+    loaders = {
+        "ours": lambda: idefics2.Idefics2ForConditionalGeneration.from_pretrained(
+            path, dtype=torch.bfloat16, device_map=DEVICE),
+        "transformers": lambda: transformers.Idefics2ForConditionalGeneration.from_pretrained(
+            path, dtype=torch.bfloat16, attn_implementation="sdpa").to(DEVICE).eval(),
+    }
+    time_generation("medium preset", loaders, idefics2.Idefics2Processor.from_pretrained(path), new_tokens, (1, 8))
+
+
+def real_size_speed(new_tokens: int, fixture: str = FIXTURE_8B) -> None:
+    """idefics2-8b shapes with random weights made on the device (no 16 GB checkpoint to write)."""
+    import transformers
+
+    def build(make):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(DEVICE):
+                return make().eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+
+    loaders = {
+        "ours": lambda: build(lambda: idefics2.Idefics2ForConditionalGeneration(
+            idefics2.Idefics2Config.from_pretrained(fixture))),
+        "transformers": lambda: build(lambda: transformers.Idefics2ForConditionalGeneration._from_config(
+            transformers.Idefics2Config.from_pretrained(fixture), attn_implementation="sdpa", dtype=torch.bfloat16)),
+    }
+    time_generation("idefics2-8b shapes", loaders, idefics2.Idefics2Processor.from_pretrained(fixture),
+                    new_tokens, (1, 8))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--real-size", action="store_true", help="also time idefics2-8b shapes (about 35 GB)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
@@ -243,16 +295,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as path:
         reference_model(config, seed=5).save_pretrained(path)
         steps = (parity_checks, bnb_checks, device_map_checks) if DEVICE == "cuda" else (parity_checks,)
-        for step in steps:
+        for step in (*steps, torchvision_processor_check):
             try:
-                step(path, config)
+                step(path, config) if step is not torchvision_processor_check else step()
             except Exception as error:  # one broken step should not hide the others' figures
                 report(step.__name__, False, error=f"{type(error).__name__}: {error}")
-    if not args.skip_speed:
+    speed = [] if args.skip_speed else [medium_speed] + ([real_size_speed] if args.real_size else [])
+    for step in speed:
         try:
-            decode_speed(args.new_tokens)
+            step(args.new_tokens)
         except Exception as error:
-            report("decode_speed", False, error=f"{type(error).__name__}: {error}")
+            report(step.__name__, False, error=f"{type(error).__name__}: {error}")
     print(json.dumps({"failures": FAILURES}))
     return 1 if FAILURES else 0
 

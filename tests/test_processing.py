@@ -38,7 +38,9 @@ def _reference_processor(directory, **kwargs):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        processor = AutoProcessor.from_pretrained(directory, **kwargs)
+        # Where torchvision is installed transformers picks its torchvision image processor by default; the
+        # parity target is the PIL one.
+        processor = AutoProcessor.from_pretrained(directory, backend="pil", **kwargs)
     assert type(processor.image_processor).__name__ == "Idefics2ImageProcessorPil"
     return processor
 

@@ -408,10 +408,12 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "idefics2.training", "finetune", *args]
 
 
-def _env() -> dict[str, str]:
+def _env(cpu_only: bool = False) -> dict[str, str]:
+    """`cpu_only`: hide any GPU (the multi-process tests compare gloo runs on CPU with a CPU run)."""
     # Keep the caller's PYTHONPATH after ours: packages may come from there (e.g. bitsandbytes on a GPU machine).
     path = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return {**env, "CUDA_VISIBLE_DEVICES": ""} if cpu_only else env
 
 
 def test_resume_after_sigkill_gives_the_same_losses(tiny_dir, data_file, tmp_path):
@@ -463,7 +465,7 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
             "1e-4", "--no-progress", "--max-length", "512", "--freeze", "vision"]
     run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "idefics2.training",
                           "finetune", *args, "--batch-size", "1", "--output", str(tmp_path / "ddp")],
-                         env=_env(), capture_output=True, text=True, timeout=240)
+                         env=_env(cpu_only=True), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stderr
     one = _one_process_double_batch(tiny_dir, data_file, tmp_path / "one")
@@ -471,7 +473,7 @@ def test_torchrun_two_processes_equal_one_process_double_batch(tiny_dir, data_fi
     # FSDP (sharded full fine-tuning, with a sharded checkpoint gathered on rank 0) trains the same parameters.
     run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "idefics2.training", "finetune",
                           *args, "--batch-size", "1", "--fsdp", "--save-steps", "2", "--output",
-                          str(tmp_path / "fsdp")], env=_env(), capture_output=True, text=True, timeout=240)
+                          str(tmp_path / "fsdp")], env=_env(cpu_only=True), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     fsdp = load_file(tmp_path / "fsdp" / "model.safetensors")
     for name in one:
@@ -486,7 +488,7 @@ def _one_process_double_batch(tiny_dir: str, data_file: str, out) -> dict:
     from safetensors.torch import load_file
 
     Trainer(run_config(tiny_dir, data_file, out, method="full", batch_size=2, max_steps=3, learning_rate=1e-4,
-                       freeze=["vision"])).train()
+                       freeze=["vision"], device="cpu")).train()
     return load_file(out / "model.safetensors")
 
 
@@ -518,7 +520,7 @@ def test_accelerate_launch_two_processes_equal_one_process_double_batch(tiny_dir
 
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     # No user accelerate config may change the launch; every default accelerate would warn about is given.
-    env = {**_env(), "HF_HOME": str(tmp_path / "hf_home")}
+    env = {**_env(cpu_only=True), "HF_HOME": str(tmp_path / "hf_home")}
     launch = [accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     args = ["--model", tiny_dir, "--train", data_file, "--method", "full", "--max-steps", "3", "--learning-rate",
@@ -567,3 +569,27 @@ def test_mpi_environment_gives_rank_and_world(monkeypatch):
         monkeypatch.delenv(name)
     with pytest.raises(trainer.TrainingSetupError, match="accelerate launch --cpu started a single process"):
         trainer.init_distributed()
+
+
+def test_device_choice_and_too_few_gpus_are_clear_errors(monkeypatch):
+    """--device cpu trains on CPU (gloo) beside a GPU; more processes than GPUs, or cuda without one, say so."""
+    from idefics2.training import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    for name in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(trainer.TrainingSetupError, match="--device cuda: no CUDA GPU is visible"):
+        trainer.init_distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, two processes on this machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(trainer.TrainingSetupError, match=r"local rank 1 has no GPU: 1 CUDA device\(s\) are visible"):
+        trainer.init_distributed()
+    dist = trainer.init_distributed("cpu")
+    assert dist.device.type == "cpu" and calls == [{"backend": "gloo", "rank": 1, "world_size": 2}]

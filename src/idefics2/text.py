@@ -17,9 +17,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: MistralTextConfig) -> None:
         super().__init__()
         dim = config.head_dim
-        # Computed on the CPU even while the model is built on the meta device: it is not in checkpoints.
+        # Computed on the CPU, then kept on the device the model is built on (`with torch.device("cuda"): ...`),
+        # except the meta device: it is not in checkpoints, so a model built there still needs real values.
         steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
         inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
+        if torch.get_default_device().type != "meta":
+            inv_freq = inv_freq.to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,7 @@ class TrainConfig:
     fsdp: bool = False
     progress: bool = True
     threads: int | None = None
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def _env_int(names: tuple[str, ...], default: int) -> int:
     return default
 
 
-def init_distributed() -> Dist:
+def init_distributed(device: str = "auto") -> Dist:
     """The process group the launcher asked for (gloo on CPU, NCCL on CUDA); one process when none did."""
     world = _env_int(_WORLD_VARS, 1)
     rank = _env_int(_RANK_VARS, 0)
@@ -136,7 +137,16 @@ def init_distributed() -> Dist:
     if world > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
         raise TrainingSetupError(f"{world} processes but MASTER_ADDR / MASTER_PORT are not set: launch with "
                                  "torchrun or accelerate launch, or export both")
-    cuda = torch.cuda.is_available()
+    if device not in ("auto", "cpu", "cuda"):
+        raise TrainingSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingSetupError("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise TrainingSetupError(
+            f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} CUDA device(s) are visible on this "
+            f"machine; start at most that many processes per machine, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+            f"to train on CPU with gloo")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -190,7 +200,7 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
-        self.dist = init_distributed()
+        self.dist = init_distributed(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.method not in ("lora", "qlora", "full"):
