@@ -14,10 +14,15 @@ def test_weights_and_kv_cache_are_exact():
     model = Idefics2ForConditionalGeneration(config).to(torch.bfloat16)
     actual = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes(config, torch.bfloat16) == actual
-    quantize_model(model, "int8")
+    quantize_model(model, "int8")  # lm_head too, by default
     quantized = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
                     if t is not model.model.text_model.rotary_emb.inv_freq)
     assert weight_bytes(config, torch.bfloat16, "int8") == quantized
+    float_head = Idefics2ForConditionalGeneration(config).to(torch.bfloat16)
+    quantize_model(float_head, "int4", lm_head=False)
+    quantized = sum(t.numel() * t.element_size() for t in [*float_head.parameters(), *float_head.buffers()]
+                    if t is not float_head.model.text_model.rotary_emb.inv_freq)
+    assert weight_bytes(config, torch.bfloat16, "int4", quantize_lm_head=False) == quantized
     result = estimate(config, torch.bfloat16, batch=3, max_new_tokens=20, image_splitting=False)
     cache = model.model.text_model.new_cache(3, result.prompt_tokens + 20, torch.bfloat16, "cpu")
     assert result.kv_cache == sum(k.numel() * k.element_size() for k in cache.keys + cache.values)

@@ -37,8 +37,11 @@ def test_quantized_model_tracks_the_float_model_and_round_trips(checkpoint, tmp_
     base = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
     quant = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize=method, quantize_group_size=32)
     layers = [m for m in quant.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == 7 * CONFIG["text_config"]["num_hidden_layers"]
-    assert isinstance(quant.lm_head, torch.nn.Linear) and quant.model.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
+    assert len(layers) == 7 * CONFIG["text_config"]["num_hidden_layers"] + 1  # + lm_head
+    assert isinstance(quant.lm_head, QuantizedLinear) and quant.lm_head.bits == 8  # int8 with either method
+    assert quant.config.extra["quantization_config"]["lm_head"] == "int8"
+    assert quant.model.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
+    assert isinstance(quant.model.connector.modality_projection.gate_proj, torch.nn.Linear)
     ids = make_prompt(torch.Generator().manual_seed(0), CONFIG, 0, 20)[None]
     with torch.no_grad():
         a, b = base(input_ids=ids).logits, quant(input_ids=ids).logits
@@ -52,8 +55,31 @@ def test_quantized_model_tracks_the_float_model_and_round_trips(checkpoint, tmp_
         assert not any(m.qweight.untyped_storage().resizable() for m in again_layers)
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, b)
+    assert isinstance(again.lm_head, QuantizedLinear) and again.lm_head.bits == 8
     with pytest.raises(ValueError, match="already quantized"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int8")
+
+
+def test_lm_head_can_stay_float_and_older_checkpoints_keep_it_float(checkpoint, tmp_path):
+    import json
+
+    float_head = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int8", quantize_lm_head=False)
+    assert type(float_head.lm_head) is not QuantizedLinear and "lm_head" not in \
+        float_head.config.extra["quantization_config"]
+    float_head.save_pretrained(tmp_path / "float_head")  # also the layout of checkpoints from before the option
+    again = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "float_head")
+    assert type(again.lm_head) is not QuantizedLinear
+    ids = make_prompt(torch.Generator().manual_seed(3), CONFIG, 0, 12)[None]
+    head = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int8")
+    with torch.no_grad():  # the int8 head changes the logits by rounding only
+        a, b = float_head(input_ids=ids).logits, head(input_ids=ids).logits
+    assert 0 < ((a - b).norm() / a.norm()).item() < 0.01
+    config_path = tmp_path / "float_head" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["lm_head"] = "int3"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lm_head is quantized as 'int3'; only 'int8' is known"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "float_head")
 
 
 def test_unknown_method_and_unfit_widths_are_rejected(checkpoint, tmp_path):

@@ -439,6 +439,7 @@ def load_pretrained(
     trust_remote_code: bool | None = None,
     quantize: str | None = None,
     quantize_group_size: int = 64,
+    quantize_lm_head: bool = True,
     offload_folder: str | os.PathLike | None = None,
 ):
     """Build `cls` from a checkpoint directory or hub id without random init and without a second copy.
@@ -448,8 +449,9 @@ def load_pretrained(
     ("cuda:N" or N, "cpu" = in RAM, "disk" = left mapped from the files) that may spread the model over several
     (see `idefics2.dispatch`); `offload_folder` receives "disk" weights that had to be converted.
     `attn_implementation`: "sdpa" (default), "eager" or "flash_attention_2".
-    `quantize`: "int8" or "int4" quantizes the text decoder's projections at load (see `idefics2.quantize`);
-    a checkpoint written quantized by `idefics2 quantize` is recognised from its config.
+    `quantize`: "int8" or "int4" quantizes the text decoder's projections at load, and `lm_head` to int8
+    unless `quantize_lm_head=False` (see `idefics2.quantize`); a checkpoint written quantized by
+    `idefics2 quantize` is recognised from its config.
     `low_cpu_mem_usage`, `use_safetensors` and `trust_remote_code` are accepted for drop-in compatibility:
     loading is always low-memory and safetensors-only, and no remote code is ever run.
     """
@@ -594,7 +596,7 @@ def load_pretrained(
     if quantize is not None:
         from .quantize import quantize_model
 
-        quantize_model(model, quantize, group_size=quantize_group_size)
+        quantize_model(model, quantize, group_size=quantize_group_size, lm_head=quantize_lm_head)
     elif bnb_config is not None and not bnb_names:
         from .bnb import quantize_with_bnb
 

@@ -33,8 +33,12 @@ class MemoryEstimate:
         return "\n".join(f"{name:20}{value / gib:>10.2f} GiB" for name, value in rows)
 
 
-def weight_bytes(config: Idefics2Config, dtype: torch.dtype, quantize: str | None = None, group_size: int = 64) -> int:
-    """Bytes of the parameters as loaded; `quantize` ("int8", "int4", "nf4") applies to the text decoder layers."""
+def weight_bytes(
+    config: Idefics2Config, dtype: torch.dtype, quantize: str | None = None, group_size: int = 64,
+    quantize_lm_head: bool = True,
+) -> int:
+    """Bytes of the parameters as loaded; `quantize` ("int8", "int4", "nf4") applies to the text decoder layers,
+    and idefics2's int8 / int4 also put an untied `lm_head` in int8 unless `quantize_lm_head=False`."""
     from .modeling import Idefics2ForConditionalGeneration, empty_weights
 
     with empty_weights():
@@ -43,7 +47,11 @@ def weight_bytes(config: Idefics2Config, dtype: torch.dtype, quantize: str | Non
     for name, param in model.named_parameters():
         n = param.numel()
         is_text_linear = name.startswith("model.text_model.layers.") and param.dim() == 2
-        if quantize and is_text_linear:
+        int8_head = (name == "lm_head.weight" and quantize in ("int8", "int4") and quantize_lm_head
+                     and not config.tie_word_embeddings)
+        if int8_head:
+            total += n + 2 * param.shape[0]
+        elif quantize and is_text_linear:
             out_features = param.shape[0]
             if quantize == "int8":
                 total += n + 2 * out_features  # int8 weight + bf16 scale per row
