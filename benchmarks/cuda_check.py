@@ -154,9 +154,13 @@ def device_map_checks(path: str, config: dict) -> None:
             "model.text_model.norm": "cuda:0", "lm_head": "cuda:0"},
         "auto": "auto",
     }
-    for name, device_map in maps.items():
+    weights = sum(p.numel() * p.element_size() for p in plain.parameters())
+    # max_memory makes "auto" plan a dict: 40% of the weights on the GPU, the rest in RAM (offloaded per call).
+    planned = {"auto, max_memory GPU 40% + cpu": {0: int(0.4 * weights), "cpu": "8GiB"}}
+    for name, device_map in [*maps.items(), *((k, "auto") for k in planned)]:
+        extra = {"max_memory": planned[name]} if name in planned else {}
         model = idefics2.Idefics2ForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, device_map=device_map)
+            path, dtype=torch.float32, device_map=device_map, **extra)
         devices = sorted({str(p.device) for p in model.parameters()})
         here = {k: v.to(model.device) for k, v in inputs.items()}  # "auto" on one GPU adds no hooks
         diff = (logits_of(model, here) - expected).abs().max().item()

@@ -189,3 +189,93 @@ def test_offloaded_weights_are_copied_to_the_execution_device_for_the_call_only(
         net(torch.ones(5, 7))  # fails inside layer 0, after its weights were copied
     net(torch.ones(1, 4))
     assert net[0].weight is original  # the next call put the original back
+
+
+# ---- planned maps: device_map="auto" / "balanced" / "sequential" with max_memory ------------------------------
+GIB = 2**30
+
+
+def skeleton():
+    from idefics2.modeling import empty_weights
+
+    with empty_weights():
+        return Idefics2ForConditionalGeneration(Idefics2Config.from_dict(CONFIG))
+
+
+def covers_every_parameter_once(model, device_map):
+    for name, _ in model.named_parameters():
+        assert covering_key(name, device_map) is not None, name
+
+
+def test_plan_balances_gpus_then_spills_to_cpu_then_disk():
+    from idefics2.dispatch import placement_units, plan_device_map
+
+    model = skeleton()
+    units = placement_units(model, torch.float32)
+    total = sum(size for _, size in units)
+    assert total == sum(p.numel() * 4 for p in model.parameters())  # every parameter in exactly one unit
+    assert units[0][0] == "model.vision_model.embeddings" and units[-1][0] == "lm_head"
+    # Two GPUs with room for everything: balanced shares them (neither holds more than half + one unit) ...
+    plan = plan_device_map(model, torch.float32, [("cuda:0", 10 * GIB), ("cuda:1", 10 * GIB), ("cpu", None)])
+    covers_every_parameter_once(model, plan)
+    per_device = {}
+    for name, size in units:
+        device = plan[covering_key(name, plan)]
+        per_device[device] = per_device.get(device, 0) + size
+    biggest = max(size for _, size in units)
+    assert set(per_device) == {"cuda:0", "cuda:1"} and max(per_device.values()) <= total / 2 + biggest
+    # ... in forward order: the first GPU runs the vision tower, the last one lm_head.
+    assert plan["model.vision_model"] == "cuda:0" and plan["lm_head"] == "cuda:1"
+    # sequential fills the first GPU: the whole model in one key.
+    assert plan_device_map(model, torch.float32, [("cuda:0", 10 * GIB), ("cuda:1", 10 * GIB)], balanced=False) \
+        == {"": "cuda:0"}
+    # Too little room: GPU, then CPU, then disk, in that order along the forward pass.
+    plan = plan_device_map(model, torch.float32, [("cuda:0", total // 3), ("cpu", total // 3), ("disk", None)])
+    order = [plan[covering_key(name, plan)] for name, _ in units]
+    assert order == sorted(order, key=["cuda:0", "cpu", "disk"].index) and set(order) == {"cuda:0", "cpu", "disk"}
+    with pytest.raises(MemoryError, match=r"do not fit the room given \(cuda:0: .* GiB, cpu: .* GiB\); .* finds no "
+                                          r"place: raise max_memory, allow 'disk' with offload_folder=, or quantize"):
+        plan_device_map(model, torch.float32, [("cuda:0", total // 3), ("cpu", total // 3)])
+
+
+def test_max_memory_sizes_and_errors():
+    from idefics2.checkpoint import parse_max_memory
+
+    assert parse_max_memory({0: "2GiB", "cuda:1": 1000, "cpu": "1.5 GB", "disk": "10MiB"}) == {
+        "cuda:0": 2 * GIB, "cuda:1": 1000, "cpu": 1_500_000_000, "disk": 10 * 2**20}
+    with pytest.raises(ValueError, match=r"max_memory\['cpu'\] = 'lots' is not a size"):
+        parse_max_memory({"cpu": "lots"})
+    with pytest.raises(ValueError, match=r"max_memory key 'gpu' is not a device"):
+        parse_max_memory({"gpu": 10})
+
+
+@needs_proc_maps
+def test_auto_with_max_memory_spreads_over_cpu_and_disk(ckpt):
+    plain = Idefics2ForConditionalGeneration.from_pretrained(ckpt)
+    total = sum(p.numel() * p.element_size() for p in plain.parameters())
+    spread = Idefics2ForConditionalGeneration.from_pretrained(ckpt, device_map="auto",
+                                                               max_memory={"cpu": total // 2})
+    device_map = spread.hf_device_map
+    assert set(device_map.values()) == {"cpu", "disk"} and device_map["model.vision_model"] == "cpu"
+    assert_placed(spread, device_map, [ckpt / "model.safetensors"])
+    in_ram = sum(p.numel() * p.element_size() for p in spread.parameters() if p.untyped_storage().resizable())
+    assert 0 < in_ram <= total // 2
+    inputs = batch_inputs()
+    with torch.no_grad():
+        assert torch.equal(spread(**inputs).logits, plain(**inputs).logits)
+    assert torch.equal(spread.generate(**inputs, max_new_tokens=5), plain.generate(**inputs, max_new_tokens=5))
+    # "auto" alone on a machine without GPUs is the CPU, as before.
+    assert not hasattr(Idefics2ForConditionalGeneration.from_pretrained(ckpt, device_map="auto"), "hf_device_map")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device_map="cpu", max_memory={"cpu": "1GiB"}),
+     r"max_memory= goes with device_map='auto', 'balanced' or 'sequential', not 'cpu'"),
+    (dict(device_map="auto", max_memory={"cpu": "1GiB"}, quantize="int8"), r"cannot be combined with quantization"),
+    (dict(device_map="balanced", max_memory={"cuda:3": "1GiB"}), r"max_memory names cuda:3 but \d+ CUDA device"),
+    (dict(device_map="sequential", max_memory={"cpu": 1000}, dtype=torch.bfloat16),
+     r"finds no place: raise max_memory, allow 'disk' with offload_folder=, or quantize"),
+])
+def test_planned_map_errors(ckpt, kwargs, message):
+    with pytest.raises((ValueError, MemoryError), match=message):
+        Idefics2ForConditionalGeneration.from_pretrained(ckpt, **kwargs)

@@ -244,6 +244,7 @@ def placement_advice(config: Idefics2Config, dtype: torch.dtype) -> str:
 
 
 _DEVICE_CHOICES = "use 'cpu', 'disk', 'cuda', 'cuda:N', 'mps' or a GPU index"
+PLANNED_MAPS = ("auto", "balanced", "sequential")  # device_map strings planned from the room on each device
 
 
 def _map_value(key: Any, value: Any) -> str:
@@ -293,7 +294,7 @@ def parse_device(device: Any, device_map: Any) -> torch.device:
         from .dispatch import main_device
 
         return main_device(normalize_device_map(target))
-    if target == "auto":
+    if target in PLANNED_MAPS:  # the first GPU, else the CPU (load_pretrained may plan a dict instead)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if target == "disk":
         return torch.device("cpu")
@@ -414,6 +415,63 @@ def _check_spread(placements: dict[str, str], model, config: Idefics2Config, dty
                               f"but {free / gib:.2f} GiB are free there; " + placement_advice(config, dtype))
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_max_memory(max_memory: dict) -> dict[str, int]:
+    """{0: "20GiB", "cuda:1": 2**34, "cpu": "60GB"} -> {"cuda:0": bytes, "cuda:1": bytes, "cpu": bytes}."""
+    if not isinstance(max_memory, dict) or not max_memory:
+        raise ValueError(f"max_memory must be a dict of devices to sizes, e.g. {{0: '20GiB', 'cpu': '60GiB'}}; "
+                         f"got {max_memory!r}")
+    parsed = {}
+    for key, value in max_memory.items():
+        device = _map_value("max_memory", key) if not isinstance(key, str) else key
+        if device not in ("cpu", "disk") and not re.fullmatch(r"cuda:\d+", device):
+            raise ValueError(f"max_memory key {key!r} is not a device: use a GPU index, 'cuda:N' or 'cpu'")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            size = value
+        else:
+            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(value), re.IGNORECASE)
+            if match is None:
+                raise ValueError(f"max_memory[{key!r}] = {value!r} is not a size: use bytes or e.g. '20GiB', '500MB'")
+            size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+        parsed[device] = size
+    return parsed
+
+
+def plan_string_map(cls, config: Idefics2Config, dtype: torch.dtype, mode: str, max_memory: dict | None,
+                    quantizing: bool, disk_allowed: bool) -> str | dict[str, str]:
+    """device_map "auto" / "balanced" / "sequential": one device where that is the whole answer, else a dict
+    planned by `dispatch.plan_device_map` from the room on each device (90% of what is free, or max_memory)."""
+    from .dispatch import plan_device_map
+    from .modeling import empty_weights
+
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if max_memory is None and len(gpus) <= 1:
+        return gpus[0] if gpus else "cpu"  # the one-device path, with its own fit check
+    if quantizing:
+        if max_memory is not None:
+            raise ValueError("max_memory= plans a device_map over several devices, which cannot be combined with "
+                             "quantization yet; quantize on one device (device_map='cpu' or 'cuda')")
+        return gpus[0]  # several GPUs: quantized models stay on one
+    limits = parse_max_memory(max_memory) if max_memory is not None else {}
+    unknown = [d for d in limits if d.startswith("cuda:") and d not in gpus]
+    if unknown:
+        raise ValueError(f"max_memory names {unknown[0]} but {len(gpus)} CUDA device(s) are visible")
+    budgets: list[tuple[str, int | None]] = []
+    for gpu in gpus:
+        budgets.append((gpu, limits.get(gpu, int(0.9 * torch.cuda.mem_get_info(torch.device(gpu))[0]))))
+    available = available_memory()
+    budgets.append(("cpu", limits.get("cpu", int(0.9 * available) if available is not None else None)))
+    if disk_allowed:
+        budgets.append(("disk", None))
+    with empty_weights():
+        skeleton = cls(config)
+    plan = plan_device_map(skeleton, dtype, budgets, balanced=mode != "sequential")
+    return plan[""] if set(plan) == {""} else plan
+
+
 def _describe(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -441,6 +499,7 @@ def load_pretrained(
     quantize_group_size: int = 64,
     quantize_lm_head: bool = True,
     offload_folder: str | os.PathLike | None = None,
+    max_memory: dict | None = None,
 ):
     """Build `cls` from a checkpoint directory or hub id without random init and without a second copy.
 
@@ -448,6 +507,9 @@ def load_pretrained(
     `device` or `device_map`: "cpu", "cuda", "cuda:1", "auto", "disk", or a dict of module names to devices
     ("cuda:N" or N, "cpu" = in RAM, "disk" = left mapped from the files) that may spread the model over several
     (see `idefics2.dispatch`); `offload_folder` receives "disk" weights that had to be converted.
+    "auto" / "balanced" spread the model evenly over the visible GPUs when there are several (then the CPU, then
+    "disk"), "sequential" fills them in order; `max_memory` ({0: "20GiB", "cpu": "60GiB"}) caps each device and
+    plans a dict also for one GPU or the CPU alone. Without it "auto" is the one GPU, or the CPU.
     `attn_implementation`: "sdpa" (default), "eager" or "flash_attention_2".
     `quantize`: "int8" or "int4" quantizes the text decoder's projections at load, and `lm_head` to int8
     unless `quantize_lm_head=False` (see `idefics2.quantize`); a checkpoint written quantized by
@@ -493,6 +555,15 @@ def load_pretrained(
     target_dtype = parse_dtype(dtype, config, state)
 
     stored_quantization = config.extra.get("quantization_config")
+    if max_memory is not None and not (isinstance(device_map, str) and device_map in PLANNED_MAPS):
+        raise ValueError(f"max_memory= goes with device_map='auto', 'balanced' or 'sequential', not {device_map!r}")
+    if isinstance(device_map, str) and device_map in PLANNED_MAPS:
+        quantizing = quantize is not None or bnb_config is not None or stored_quantization is not None
+        converts = any(t.is_floating_point() and t.dtype != target_dtype for t in state.values())
+        device_map = plan_string_map(cls, config, target_dtype, device_map, max_memory, quantizing,
+                                     disk_allowed=not converts or offload_folder is not None)
+        target_device = parse_device(None, device_map)
+        placements = normalize_device_map(device_map) if spreads_devices(device_map) else None
     if placements is not None and (quantize is not None or bnb_config is not None or stored_quantization):
         raise ValueError("a device_map dict over several devices cannot be combined with quantization yet; "
                          "quantize on one device (device_map='cpu' or 'cuda')")

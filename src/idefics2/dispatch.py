@@ -195,3 +195,80 @@ def remove_dispatch(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MistralModel):
             module.__dict__.pop("layer_devices", None)
+
+
+# ---- device_map="auto" / "balanced" / "sequential": a dict planned from the room on each device --------------
+
+
+def placement_units(model: nn.Module, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """The smallest pieces a device_map may place, in forward order, with their bytes in `dtype`: each block
+    that must not be split, and each other module's own parameters (e.g. the perceiver's latents)."""
+    element = torch.empty(0, dtype=dtype).element_size()
+    modules = dict(model.named_modules())
+    in_block = {
+        name for block_name, block in modules.items() if isinstance(block, NO_SPLIT)
+        for name, _ in block.named_modules(prefix=block_name) if name != block_name
+    }
+    units = []
+    for name, module in modules.items():
+        if name in in_block:
+            continue
+        params = list(module.parameters()) if isinstance(module, NO_SPLIT) else list(module.parameters(recurse=False))
+        if params:
+            size = sum(p.numel() * (element if p.is_floating_point() else p.element_size()) for p in params)
+            units.append((name, size))
+    return units
+
+
+def plan_device_map(
+    model: nn.Module, dtype: torch.dtype, budgets: list[tuple[str, int | None]], balanced: bool = True
+) -> dict[str, str]:
+    """Place `model`'s units in forward order on the devices of `budgets` ([(device, bytes or None =
+    unlimited)], GPUs first, then "cpu", then "disk"): each device takes units until the next one does not fit,
+    then the next device. `balanced`: the GPUs share the weights evenly instead of filling the first one.
+    Returns the smallest dict that says it (a module whose units all share a device gets one key)."""
+    units = placement_units(model, dtype)
+    total = sum(size for _, size in units)
+    caps = [cap for _, cap in budgets]
+    gpus = [i for i, (device, _) in enumerate(budgets) if device not in OFFLOAD]
+    if balanced and len(gpus) > 1:
+        gpu_room = sum(cap if cap is not None else total for cap in (caps[i] for i in gpus))
+        share = min(total, gpu_room) / len(gpus) + max(size for _, size in units)
+        for i in gpus[:-1]:  # the last GPU takes what is left, up to its own room
+            caps[i] = share if caps[i] is None else min(caps[i], share)
+    assignment: dict[str, str] = {}
+    index, used = 0, 0
+    for name, size in units:
+        while index < len(budgets) and caps[index] is not None and used + size > caps[index]:
+            index, used = index + 1, 0
+        if index == len(budgets):
+            room = ", ".join(f"{device}: {cap / 2**30:.2f} GiB" for device, cap in budgets if cap is not None)
+            raise MemoryError(f"the weights ({total / 2**30:.2f} GiB) do not fit the room given ({room}); "
+                              f"{name} ({size / 2**30:.2f} GiB) finds no place: raise max_memory, allow "
+                              f"'disk' with offload_folder=, or quantize")
+        assignment[name] = budgets[index][0]
+        used += size
+    return _compact(model, assignment)
+
+
+def _compact(model: nn.Module, assignment: dict[str, str]) -> dict[str, str]:
+    """One key for each largest module whose units all share a device; "" when the whole model does."""
+    below: dict[str, set[str]] = {}
+    for unit, device in assignment.items():
+        parts = unit.split(".") if unit else []
+        for depth in range(len(parts) + 1):
+            below.setdefault(".".join(parts[:depth]), set()).add(device)
+    device_map: dict[str, str] = {}
+    covered: list[str] = []
+    for name, _ in model.named_modules():
+        if name not in below or any(name == c or name.startswith(c + ".") for c in covered if c):
+            continue
+        devices = below[name]
+        if len(devices) == 1:
+            device_map[name] = next(iter(devices))
+            covered.append(name)
+            if name == "":
+                break
+        elif name in assignment:  # the module's own parameters, its children placed apart
+            device_map[name] = assignment[name]
+    return device_map
