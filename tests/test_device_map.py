@@ -249,8 +249,14 @@ def test_max_memory_sizes_and_errors():
         parse_max_memory({"gpu": 10})
 
 
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """The planned-map tests describe a machine without GPUs (with one, "auto" would put everything there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @needs_proc_maps
-def test_auto_with_max_memory_spreads_over_cpu_and_disk(ckpt):
+def test_auto_with_max_memory_spreads_over_cpu_and_disk(ckpt, no_gpu):
     plain = Idefics2ForConditionalGeneration.from_pretrained(ckpt)
     total = sum(p.numel() * p.element_size() for p in plain.parameters())
     spread = Idefics2ForConditionalGeneration.from_pretrained(ckpt, device_map="auto",
@@ -276,6 +282,6 @@ def test_auto_with_max_memory_spreads_over_cpu_and_disk(ckpt):
     (dict(device_map="sequential", max_memory={"cpu": 1000}, dtype=torch.bfloat16),
      r"finds no place: raise max_memory, allow 'disk' with offload_folder=, or quantize"),
 ])
-def test_planned_map_errors(ckpt, kwargs, message):
+def test_planned_map_errors(ckpt, kwargs, message, no_gpu):
     with pytest.raises((ValueError, MemoryError), match=message):
         Idefics2ForConditionalGeneration.from_pretrained(ckpt, **kwargs)
