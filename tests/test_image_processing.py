@@ -357,11 +357,30 @@ def test_threads_do_not_change_results(make_test_image):
     np.testing.assert_array_equal(serial["pixel_attention_mask"], threaded["pixel_attention_mask"])
 
 
-def test_alpha_composite_table_is_pils_result():
+def test_alpha_composite_table_is_pils_result(monkeypatch):
+    from idefics2 import kernels
     from idefics2.image_processing import _pil_to_rgb
 
     rng = np.random.default_rng(3)
     rgba = Image.fromarray(rng.integers(0, 256, (300, 400, 4), dtype=np.uint8), "RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     expected = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    np.testing.assert_array_equal(np.asarray(_pil_to_rgb(rgba)), expected)
+    converted = _pil_to_rgb(rgba)  # RGBX over the compiled kernel's buffer, else RGB
+    assert converted.mode == ("RGBX" if kernels.kernel_available() else "RGB")
+    np.testing.assert_array_equal(np.asarray(converted)[..., :3], expected)
+    monkeypatch.setattr(kernels, "composite_on_white", lambda rgba, table: None)  # the numpy path
+    converted = _pil_to_rgb(rgba)
+    assert converted.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(converted), expected)
+
+
+def test_compiled_and_numpy_paths_give_the_same_pixels(ours, make_test_image, monkeypatch):
+    from idefics2 import kernels
+
+    images = [[make_test_image(700, 500), make_test_image(300, 200, "RGBA")], [make_test_image(64, 900, "LA")]]
+    compiled = ours(images, return_tensors="np", do_image_splitting=True)
+    monkeypatch.setattr(kernels, "lut_to_chw", lambda pixels, lut, out: False)
+    monkeypatch.setattr(kernels, "composite_on_white", lambda rgba, table: None)
+    plain = ours(images, return_tensors="np", do_image_splitting=True)
+    assert np.array_equal(compiled["pixel_values"], plain["pixel_values"])
+    assert np.array_equal(compiled["pixel_attention_mask"], plain["pixel_attention_mask"])

@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import kernels
 from .batch_feature import BatchFeature
 from .media import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, check_pixel_limit, open_image
 
@@ -84,21 +85,38 @@ def split_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     ]
 
 
-@dataclass
 class _Source:
-    """One input image after RGB conversion: a PIL RGB image (the fast path) or an HWC numpy array."""
+    """One input image after RGB conversion: a PIL RGB image (the fast path) or an HWC numpy array.
 
-    pil: PIL.Image.Image | None
-    array: np.ndarray | None  # HWC, 3 channels, original dtype (non-uint8 or when there is no PIL image)
-    where: str
+    A PIL input's conversion (`pending`) is done by the first render task that needs the pixels, not up front:
+    the sizes are known without it, so converting and resizing one image overlap with other images' work
+    instead of all conversions running before any resize."""
+
+    def __init__(self, pil: PIL.Image.Image | None, array: np.ndarray | None, where: str,
+                 pending: PIL.Image.Image | None = None) -> None:
+        self._pil = pil
+        self.array = array  # HWC, 3 channels, original dtype (non-uint8 or when there is no PIL image)
+        self.where = where
+        self._pending = pending
+        self._lock = threading.Lock()  # the crops of one image may render on several threads
+
+    @property
+    def pil(self) -> PIL.Image.Image | None:
+        if self._pending is not None:
+            with self._lock:
+                if self._pending is not None:
+                    self._pil, self._pending = _pil_to_rgb(self._pending), None
+        return self._pil
 
     @property
     def height(self) -> int:
-        return self.pil.height if self.pil is not None else self.array.shape[0]
+        image = self._pending or self._pil
+        return image.height if image is not None else self.array.shape[0]
 
     @property
     def width(self) -> int:
-        return self.pil.width if self.pil is not None else self.array.shape[1]
+        image = self._pending or self._pil
+        return image.width if image is not None else self.array.shape[1]
 
 
 def _where(sample: int, index: int) -> str:
@@ -364,7 +382,7 @@ class Idefics2ImageProcessor:
         if isinstance(image, PIL.Image.Image):
             _check_size(image.width, image.height, where, opts)
             if opts["do_convert_rgb"]:
-                return _Source(pil=_pil_to_rgb(image), array=None, where=where)
+                return _Source(pil=None, array=None, where=where, pending=image)
             array = np.asarray(image)
             if array.ndim != 3 or array.shape[2] != 3:
                 raise ValueError(
@@ -438,9 +456,10 @@ class Idefics2ImageProcessor:
             pil = pil.resize((w, h), resample=PIL.Image.Resampling(opts["resample"]))
         pixels = np.asarray(pil)
         lut = self._lut(pre_scaled, mean, std, opts)
-        for c in range(3):
-            # mode="clip" makes numpy write straight into the strided view (uint8 indices are always in range)
-            np.take(lut[c], pixels[:, :, c], out=out[c], mode="clip")
+        if not kernels.lut_to_chw(pixels, lut, out):  # one pass in C++; numpy where it is not built
+            for c in range(3):
+                # mode="clip" makes numpy write straight into the strided view (uint8 indices are always in range)
+                np.take(lut[c], pixels[:, :, c], out=out[c], mode="clip")
         return out
 
     def _lut(self, pre_scaled: bool, mean: np.ndarray, std: np.ndarray, opts: dict[str, Any]) -> np.ndarray:
@@ -499,6 +518,12 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = np.asarray(image.convert("RGBA") if image.mode != "RGBA" else image)
         table = _white_composite_table()
+        rgbx = kernels.composite_on_white(rgba, table)  # one pass in C++; numpy where it is not built
+        if rgbx is not None:
+            # An "RGBX" image over the array, no copy: PIL's crops and resizes treat it exactly as "RGB" (whose
+            # pixels PIL stores as 4 bytes too), and `_render` reads the first three channels.
+            height, width = rgbx.shape[:2]
+            return PIL.Image.frombuffer("RGBX", (width, height), rgbx, "raw", "RGBX", 0, 1)
         index = rgba[..., 3].astype(np.uint16) << 8
         rgb = np.empty(rgba.shape[:2] + (3,), dtype=np.uint8)
         for c in range(3):

@@ -20,17 +20,18 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "int4_matmul", "int8_matmul", "int8_matmuls", "kernel_available",
-           "kernel_status", "small_batch_linear", "small_batch_linears"]
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "int4_matmul", "int8_matmul", "int8_matmuls",
+           "kernel_available", "kernel_status", "lut_to_chw", "small_batch_linear", "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
-_SOURCE = Path(__file__).with_name("small_gemm.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "image_ops.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -64,7 +65,7 @@ def _build() -> tuple[object | None, str]:
         cpp_extension.verify_ninja_availability()
         cpp_extension.load(
             name=f"idefics2_small_gemm_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the kernel
             # runs serially. The extension then shares the libgomp.so.1 that torch has already loaded.
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -230,3 +231,41 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         return None
     op = _ops()
     return None if op is None else op.rope(x, cos, sin)
+
+
+# ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------
+def _pixel_rows(array: np.ndarray, channels: int) -> bool:
+    """An (H, W, channels) uint8 array whose pixels are packed along each row (rows may be a crop's stride)."""
+    return (array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == channels and array.strides[2] == 1
+            and array.strides[1] == channels and array.strides[0] >= channels * array.shape[1])
+
+
+def lut_to_chw(pixels: np.ndarray, lut: np.ndarray, out: np.ndarray) -> bool:
+    """`out[c] = lut[c][pixels[..., c]]` for an (H, W, 3) uint8 image (or (H, W, 4) RGBX, the 4th channel
+    unused), into the float32 (3, H, W) view `out` (rows contiguous, e.g. a slot of a padded batch), in one pass.
+    False where the kernel is unavailable (then nothing was written). Read-only inputs (PIL's buffers) are fine:
+    they are read through their address."""
+    op = _ops()
+    height, width = pixels.shape[:2]
+    channels = pixels.shape[2] if pixels.ndim == 3 else 0
+    if (op is None or channels not in (3, 4) or not _pixel_rows(pixels, channels) or lut.dtype != np.float32
+            or lut.shape != (3, 256) or not lut.flags.c_contiguous or out.dtype != np.float32
+            or out.shape != (3, height, width) or out.strides[2] != 4 or not out.flags.writeable):
+        return False
+    op.lut_to_chw(pixels.ctypes.data, height, width, pixels.strides[0], channels, torch.from_numpy(lut),
+                  torch.from_numpy(out))
+    return True
+
+
+def composite_on_white(rgba: np.ndarray, table: np.ndarray) -> np.ndarray | None:
+    """(H, W, 4) uint8 RGBX: `table[alpha << 8 | value]` per channel of an (H, W, 4) uint8 RGBA image, the 4th
+    byte 255 (PIL's layout for RGB, so PIL can wrap it without a copy), or None where the kernel is
+    unavailable."""
+    op = _ops()
+    if op is None or not _pixel_rows(rgba, 4) or table.dtype != np.uint8 or table.shape != (65536,) \
+            or not table.flags.c_contiguous:
+        return None
+    out = np.empty(rgba.shape[:2] + (4,), dtype=np.uint8)
+    op.composite_on_white(rgba.ctypes.data, rgba.shape[0], rgba.shape[1], rgba.strides[0], torch.from_numpy(table),
+                          torch.from_numpy(out))
+    return out
