@@ -17,6 +17,7 @@ distorts aspect ratio, truncating `int()` sizes, float inputs in [0, 1] being re
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import threading
@@ -454,8 +455,11 @@ class Idefics2ImageProcessor:
             return out
         if opts["do_resize"] and pil.size != (w, h):  # a same-size PIL resize is a copy: skip it
             pil = pil.resize((w, h), resample=PIL.Image.Resampling(opts["resample"]))
-        pixels = np.asarray(pil)
         lut = self._lut(pre_scaled, mean, std, opts)
+        view = _rgbx_view(pil)  # PIL's own pixel memory where it can be shared (saves a copy of the image)
+        if view is not None and kernels.lut_to_chw(view[0], lut, out):
+            return out
+        pixels = np.asarray(pil)
         if not kernels.lut_to_chw(pixels, lut, out):  # one pass in C++; numpy where it is not built
             for c in range(3):
                 # mode="clip" makes numpy write straight into the strided view (uint8 indices are always in range)
@@ -532,6 +536,42 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     if image.mode == "RGB":
         return image  # later steps (crop, resize, asarray) never modify it, so no copy is needed
     return image.convert("RGB")
+
+
+class _ArrowArray(ctypes.Structure):
+    """The Arrow C data interface's ArrowArray (https://arrow.apache.org/docs/format/CDataInterface.html)."""
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64), ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _rgbx_view(image: PIL.Image.Image) -> tuple[np.ndarray, object] | None:
+    """An (H, W, 4) uint8 view of an RGB/RGBX image's own memory (PIL keeps RGB as 4 bytes a pixel) through
+    Pillow's Arrow export (Pillow >= 11.2; one memory block: images up to 16 MiB), plus the object that keeps
+    the memory alive while the view is used; None where that is not possible (then use np.asarray)."""
+    if image.mode not in ("RGB", "RGBX") or not hasattr(image, "__arrow_c_array__"):
+        return None
+    try:
+        schema, capsule = image.__arrow_c_array__()
+    except ValueError:  # rows in several blocks
+        return None
+    array = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array"))
+    width, height = image.size
+    if array.length != width * height or array.offset != 0 or array.n_children != 1:
+        return None
+    child = array.children[0].contents  # the fixed-size lists' values: 4 bytes a pixel
+    if child.length != 4 * width * height or child.offset != 0 or child.n_buffers != 2 or not child.buffers[1]:
+        return None
+    view = np.ctypeslib.as_array((ctypes.c_uint8 * (4 * width * height)).from_address(child.buffers[1]))
+    return view.reshape(height, width, 4), (schema, capsule, image)
 
 
 def _uint8_for_pil(crop: np.ndarray) -> tuple[np.ndarray, bool]:
