@@ -207,10 +207,20 @@ def _int8_data(b: int, n: int, k: int, seed: int = 0):
 @pytest.mark.parametrize("n, k", [(96, 128), (37, 200), (1030, 1024)])
 def test_int8_kernel_matches_dequantized_matmul(b, n, k):
     x, q, scales = _int8_data(b, n, k)
-    expected = x.double() @ (q.double() * scales.double()[:, None]).t()
+    w = q.double() * scales.double()[:, None]
+    expected = x.double() @ w.t()
     y = K.int8_matmul(x, q, scales)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    if K._ops().vnni_int8(k):
+        # x goes in as int16 codes, one scale per 512 values of a row: each value is off by at most half a step
+        # (max |x| over its chunk / 32767), so the result by at most sum_k |w[n, k]| * step_k / 2.
+        chunks = x.abs().double().split(512, dim=1)
+        step = torch.cat([c.amax(dim=1, keepdim=True).expand_as(c) for c in chunks], dim=1) / 32767
+        bound = (step / 2) @ w.abs().t() + 1e-6 * expected.abs() + 1e-6
+        assert ((y.double() - expected).abs() <= bound).all()
+        assert (y.double() - expected).abs().max() > 0  # it does quantize: this is not the fp32 path
+    else:
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     y16 = K.int8_matmul(x.to(torch.bfloat16), q, scales)  # bf16 in, bf16 out, fp32 arithmetic inside
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), (x.to(torch.bfloat16).double() @ (q.double() * scales.double()[:, None]).t()).float(),
