@@ -141,3 +141,14 @@ def test_int8_projections_share_one_kernel_call_with_the_same_results():
     assert all(torch.equal(a, b) for a, b in zip(together, alone))
     int4 = [QuantizedLinear.from_linear(torch.nn.Linear(256, 64, bias=False), 4) for _ in range(2)]
     assert QuantizedLinear.parallel_forward(x, tuple(int4)) is None  # int4: module by module
+
+
+def test_other_devices_dequantize_with_a_warning():
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 32, bias=False), 8)
+    x = torch.randn(2, 128)
+    q.forward(x)  # the CPU path: no warning
+    meta = QuantizedLinear.from_linear(torch.nn.Linear(128, 32, bias=False), 8).to("meta")
+    with pytest.warns(RuntimeWarning, match="no meta kernel yet: each call dequantizes its weight"):
+        out = meta(x.to("meta"))
+    assert out.shape == (2, 32) and out.device.type == "meta"

@@ -19,6 +19,7 @@ embeddings stay in floating point.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            # No packed CUDA path yet: dequantize (correct, not fast).
+            # No packed GPU path yet: dequantize (correct, not fast), and say so once.
+            warnings.warn(f"idefics2's int8/int4 layers have no {x.device.type} kernel yet: each call dequantizes "
+                          "its weight (correct, but slower than bf16); on GPUs use "
+                          "quantization_config=BitsAndBytesConfig(...)", RuntimeWarning, stacklevel=2)
             return F.linear(x, self.dequantize().to(x.dtype))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
