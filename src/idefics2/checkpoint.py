@@ -378,7 +378,7 @@ def _check_spread(placements: dict[str, str], model, config: Idefics2Config, dty
                   offload_folder: str | os.PathLike | None) -> None:
     """A device_map dict over several places: no block split, room on every device, a folder for converted
     'disk' weights."""
-    from .dispatch import covering_key, split_block
+    from .dispatch import covering_key, param_bytes, split_block
 
     gib = 2**30
     for key in placements:
@@ -390,8 +390,7 @@ def _check_spread(placements: dict[str, str], model, config: Idefics2Config, dty
     needed: dict[str, int] = {}
     for name, param in model.named_parameters():
         where = placements[covering_key(name, placements)]
-        needed[where] = needed.get(where, 0) + param.numel() * (element if param.is_floating_point()
-                                                                 else param.element_size())
+        needed[where] = needed.get(where, 0) + param_bytes(param, element)
     disk_keys = [key for key, value in placements.items() if value == "disk"]
     if disk_keys and converts:
         if offload_folder is None:

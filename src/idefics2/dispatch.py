@@ -122,6 +122,24 @@ class AlignDevice:
         self.saved.clear()
 
 
+def _inside_blocks(modules: dict[str, nn.Module]) -> set[str]:
+    """Names of the modules strictly inside a NO_SPLIT block (they go wherever their block goes)."""
+    return {
+        name for block_name, block in modules.items() if isinstance(block, NO_SPLIT)
+        for name, _ in block.named_modules(prefix=block_name) if name != block_name
+    }
+
+
+def param_bytes(param: torch.Tensor, element: int) -> int:
+    """Bytes of `param` once loaded: `element` bytes per value for floating point (the load dtype), else its own."""
+    return param.numel() * (element if param.is_floating_point() else param.element_size())
+
+
+def _is_unit(module: nn.Module) -> bool:
+    """A piece a device_map places as a whole: a NO_SPLIT block, or a module's own parameters."""
+    return isinstance(module, NO_SPLIT) or next(iter(module.parameters(recurse=False)), None) is not None
+
+
 def _has_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward  # ModuleList / ModuleDict have none
 
@@ -133,10 +151,7 @@ def dispatch_model(model: nn.Module, placements: dict[str, str], main: torch.dev
     main = concrete_device(main if main is not None else main_device(placements))
     run_on = {key: main if value in OFFLOAD else concrete_device(value) for key, value in placements.items()}
     modules = dict(model.named_modules())
-    in_block = {
-        name for block_name, block in modules.items() if isinstance(block, NO_SPLIT)
-        for name, _ in block.named_modules(prefix=block_name) if name != block_name
-    }
+    in_block = _inside_blocks(modules)
 
     def covered(name: str) -> torch.device | None:
         key = covering_key(name, placements)
@@ -144,8 +159,7 @@ def dispatch_model(model: nn.Module, placements: dict[str, str], main: torch.dev
 
     def units_below(name: str) -> list[str]:
         prefix = name + "." if name else ""
-        return [n for n, m in modules.items() if n.startswith(prefix) and n not in in_block
-                and (isinstance(m, NO_SPLIT) or next(iter(m.parameters(recurse=False)), None) is not None)]
+        return [n for n, m in modules.items() if n.startswith(prefix) and n not in in_block and _is_unit(m)]
 
     def device_of(name: str) -> torch.device:
         if name == "":
@@ -205,18 +219,13 @@ def placement_units(model: nn.Module, dtype: torch.dtype) -> list[tuple[str, int
     that must not be split, and each other module's own parameters (e.g. the perceiver's latents)."""
     element = torch.empty(0, dtype=dtype).element_size()
     modules = dict(model.named_modules())
-    in_block = {
-        name for block_name, block in modules.items() if isinstance(block, NO_SPLIT)
-        for name, _ in block.named_modules(prefix=block_name) if name != block_name
-    }
+    in_block = _inside_blocks(modules)
     units = []
     for name, module in modules.items():
-        if name in in_block:
+        if name in in_block or not _is_unit(module):
             continue
-        params = list(module.parameters()) if isinstance(module, NO_SPLIT) else list(module.parameters(recurse=False))
-        if params:
-            size = sum(p.numel() * (element if p.is_floating_point() else p.element_size()) for p in params)
-            units.append((name, size))
+        params = module.parameters(recurse=isinstance(module, NO_SPLIT))
+        units.append((name, sum(param_bytes(p, element) for p in params)))
     return units
 
 

@@ -456,10 +456,9 @@ class Idefics2ImageProcessor:
         if opts["do_resize"] and pil.size != (w, h):  # a same-size PIL resize is a copy: skip it
             pil = pil.resize((w, h), resample=PIL.Image.Resampling(opts["resample"]))
         lut = self._lut(pre_scaled, mean, std, opts)
-        view = _rgbx_view(pil)  # PIL's own pixel memory where it can be shared (saves a copy of the image)
-        if view is not None and kernels.lut_to_chw(view[0], lut, out):
-            return out
-        pixels = np.asarray(pil)
+        # PIL's own pixel memory where it can be shared (saves a copy of the image); `view` keeps it alive
+        view = _rgbx_view(pil)
+        pixels = view[0] if view is not None else np.asarray(pil)  # (H, W, 4) RGBX or (H, W, 3)
         if not kernels.lut_to_chw(pixels, lut, out):  # one pass in C++; numpy where it is not built
             for c in range(3):
                 # mode="clip" makes numpy write straight into the strided view (uint8 indices are always in range)

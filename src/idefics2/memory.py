@@ -49,13 +49,12 @@ def weight_bytes(
         is_text_linear = name.startswith("model.text_model.layers.") and param.dim() == 2
         int8_head = (name == "lm_head.weight" and quantize in ("int8", "int4") and quantize_lm_head
                      and not config.tie_word_embeddings)
-        if int8_head:
-            total += n + 2 * param.shape[0]
-        elif quantize and is_text_linear:
+        method = "int8" if int8_head else quantize if is_text_linear else None
+        if method:
             out_features = param.shape[0]
-            if quantize == "int8":
+            if method == "int8":
                 total += n + 2 * out_features  # int8 weight + bf16 scale per row
-            elif quantize == "int4":
+            elif method == "int4":
                 total += n // 2 + 4 * (n // group_size)  # two nibbles a byte + bf16 scale and zero per group
             else:  # bitsandbytes nf4: 4-bit weight + one absmax per 64 values (double quant ignored)
                 total += n // 2 + 4 * (n // 64)
