@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -245,6 +246,39 @@ void rows_dot(const WT* w, const PackedX& px, float* out, bool prefetch) {
   }
 }
 
+template <int N>
+using Rows = std::integral_constant<int, N>;  // a row count passed to generic lambdas as a compile-time value
+
+// Rows [n0, n1) of one weight, R at a time, then one at a time: dot(Rows<r>{}, n, prefetch) fills the caller's
+// out[B][r] for rows n..n+r-1 (prefetching the next group while another follows), emit(n, r) stores them.
+template <int R, typename Dot, typename Emit>
+inline void row_groups(int64_t n0, int64_t n1, const Dot& dot, const Emit& emit) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    dot(Rows<R>{}, n, n + 2 * R <= n1);
+    emit(n, R);
+  }
+  for (; n < n1; ++n) {
+    dot(Rows<1>{}, n, false);
+    emit(n, 1);
+  }
+}
+
+// Several weights (ns[i] rows each) in one parallel loop over their groups of R rows, so the threads are woken
+// once for all of them (q/k/v, gate/up): part(i, n0, n1) computes rows [n0, n1) of weight i. `grain`: the
+// fewest groups a task takes.
+template <int R, typename Part>
+void parallel_row_groups(const std::vector<int64_t>& ns, int64_t grain, const Part& part) {
+  std::vector<int64_t> first{0};  // first row group of each weight
+  for (int64_t n : ns) first.push_back(first.back() + (n + R - 1) / R);
+  at::parallel_for(0, first.back(), grain, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < ns.size(); ++i) {
+      const int64_t a = std::max(g0, first[i]), b = std::min(g1, first[i + 1]);
+      if (a < b) part(i, (a - first[i]) * R, std::min(ns[i], (b - first[i]) * R));
+    }
+  });
+}
+
 // y[b, n] for n in [n0, n1); OT is the output element type; `scale` (int8 weights) multiplies row n's dot.
 template <typename WT, typename OT>
 void gemm_rows(const WT* w, const PackedX& px, const float* scale, const float* bias, OT* y, int64_t N, int64_t n0,
@@ -259,15 +293,9 @@ void gemm_rows(const WT* w, const PackedX& px, const float* scale, const float* 
         y[b * N + n + r] = static_cast<OT>(v);
       }
   };
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    rows_dot<WT, R>(w + n * K, px, out, n + 2 * R <= n1);
-    emit(n, R);
-  }
-  for (; n < n1; ++n) {
-    rows_dot<WT, 1>(w + n * K, px, out, false);
-    emit(n, 1);
-  }
+  row_groups<R>(n0, n1, [&](auto rows, int64_t n, bool prefetch) {
+    rows_dot<WT, decltype(rows)::value>(w + n * K, px, out, prefetch);
+  }, emit);
 }
 
 // Several weights of the same K against one x (q/k/v, gate/up): x is packed once and one parallel loop runs
@@ -278,18 +306,11 @@ void gemm_multi(const std::vector<const WT*>& ws, const std::vector<int64_t>& ns
                 int64_t K) {
   constexpr int R = Simd::kRows;
   const PackedX px = pack_x<WT>(x, B, K);
-  std::vector<int64_t> first{0};  // first row group of each weight
-  for (int64_t n : ns) first.push_back(first.back() + (n + R - 1) / R);
   // Give each task at least ~128 KB of weights: below that, waking threads costs more than it saves.
   const int64_t group_bytes = R * K * static_cast<int64_t>(sizeof(WT));
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, group_bytes));
-  at::parallel_for(0, first.back(), grain, [&](int64_t g0, int64_t g1) {
-    for (size_t i = 0; i < ws.size(); ++i) {
-      const int64_t a = std::max(g0, first[i]), b = std::min(g1, first[i + 1]);
-      if (a < b)
-        gemm_rows<WT, OT>(ws[i], px, scales[i], bias, ys[i], ns[i], (a - first[i]) * R,
-                          std::min(ns[i], (b - first[i]) * R));
-    }
+  parallel_row_groups<R>(ns, grain, [&](size_t i, int64_t n0, int64_t n1) {
+    gemm_rows<WT, OT>(ws[i], px, scales[i], bias, ys[i], ns[i], n0, n1);
   });
 }
 
@@ -392,6 +413,36 @@ std::vector<at::Tensor> small_gemm_multi(const at::Tensor& x, at::TensorList wei
 // 2 instructions per 32 weights instead of 6 for widening to fp32 and FMAs. A chunk adds at most
 // 32 x 32767 x 128 < 2^27 per lane, so the int32 sums are exact; they are converted and scaled into fp32
 // totals at the end of each chunk. Used for K a multiple of 32; other shapes take the fp32 path above.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> fp32: a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const c10::BFloat16* p) { return load16(reinterpret_cast<const uint16_t*>(p)); }
+
+// The K blocks and batch chunks of C rows of one group of weight rows: block(Rows<nb>{}, b0, k0, k1, prefetch)
+// adds K range [k0, k1) for batch rows b0..b0+nb-1. All of K at once when the batch fits one chunk, else
+// `kblock` at a time, so each chunk re-reads the block's weights from L1 rather than memory.
+template <int C, typename Block>
+inline void batch_chunks(int64_t B, int64_t K, int64_t kblock, bool prefetch, const Block& block) {
+  const int64_t len = B <= C ? K : kblock;
+  for (int64_t k0 = 0; k0 < K; k0 += len) {
+    const int64_t k1 = std::min(K, k0 + len);
+    for (int64_t b0 = 0; b0 < B; b0 += C) {
+      const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
+      const bool pf = prefetch && b0 == 0;
+      switch (nb) {
+        case 1: block(Rows<1>{}, b0, k0, k1, pf); break;
+        case 2: block(Rows<2>{}, b0, k0, k1, pf); break;
+        case 3: block(Rows<C == 4 ? 3 : 2>{}, b0, k0, k1, pf); break;
+        default: block(Rows<C>{}, b0, k0, k1, pf); break;
+      }
+    }
+  }
+}
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHaveVnni = true;
 constexpr int64_t kVnniChunk = 512;   // K elements per int16 scale of x and per exact int32 sum
@@ -402,12 +453,6 @@ struct QuantizedX {
   std::vector<float> scale;   // [B, chunks]
   int64_t chunks;
 };
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
 
 // x (fp32 or bf16, read as is: no converted copy) -> int16 codes and per-chunk scales. K % 16 == 0.
 template <typename XT>
@@ -479,24 +524,11 @@ inline void vnni_block(const int8_t* w, int64_t ldw, const QuantizedX& qx, int64
 // out[b * R + r] = dot(W[r], x[b]) for all b < B, C batch rows per pass.
 template <int R, int C>
 void vnni_rows(const int8_t* w, const QuantizedX& qx, int64_t B, int64_t K, float* out, bool prefetch) {
-  static_assert(C == 4, "vnni_block's batch cases assume 4 rows per pass");
   __m512 acc[R * kMaxB];
   for (int i = 0; i < R * B; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t block = B <= C ? K : kVnniBlock;
-  for (int64_t k0 = 0; k0 < K; k0 += block) {
-    const int64_t k1 = std::min(K, k0 + block);
-    for (int64_t b0 = 0; b0 < B; b0 += C) {
-      const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
-      __m512* a = acc + b0 * R;
-      const bool pf = prefetch && b0 == 0;
-      switch (nb) {
-        case 1: vnni_block<R, 1>(w, K, qx, K, b0, k0, k1, a, pf); break;
-        case 2: vnni_block<R, 2>(w, K, qx, K, b0, k0, k1, a, pf); break;
-        case 3: vnni_block<R, 3>(w, K, qx, K, b0, k0, k1, a, pf); break;
-        default: vnni_block<R, C>(w, K, qx, K, b0, k0, k1, a, pf); break;
-      }
-    }
-  }
+  batch_chunks<C>(B, K, kVnniBlock, prefetch, [&](auto rows, int64_t b0, int64_t k0, int64_t k1, bool pf) {
+    vnni_block<R, decltype(rows)::value>(w, K, qx, K, b0, k0, k1, acc + b0 * R, pf);
+  });
   for (int64_t b0 = 0; b0 < B; b0 += C) {
     const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
     for (int r = 0; r < R; ++r)
@@ -504,42 +536,23 @@ void vnni_rows(const int8_t* w, const QuantizedX& qx, int64_t B, int64_t K, floa
   }
 }
 
-template <int R, int C, typename OT>
-void vnni_multi_rc(const std::vector<const int8_t*>& ws, const std::vector<int64_t>& ns,
-                   const std::vector<const float*>& scales, const std::vector<OT*>& ys, const QuantizedX& qx,
-                   int64_t B, int64_t K) {
-  std::vector<int64_t> first{0};  // first row group of each weight
-  for (int64_t n : ns) first.push_back(first.back() + (n + R - 1) / R);
-  const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * K));
-  at::parallel_for(0, first.back(), grain, [&](int64_t g0, int64_t g1) {
-    float out[kMaxB * R];
-    for (size_t i = 0; i < ws.size(); ++i) {
-      const int64_t a = std::max(g0, first[i]), e = std::min(g1, first[i + 1]);
-      if (a >= e) continue;
-      const int64_t N = ns[i], n1 = std::min(N, (e - first[i]) * R);
-      int64_t n = (a - first[i]) * R;
-      auto emit = [&](int rows) {
-        for (int64_t b = 0; b < B; ++b)
-          for (int r = 0; r < rows; ++r) ys[i][b * N + n + r] = static_cast<OT>(out[b * rows + r] * scales[i][n + r]);
-      };
-      for (; n + R <= n1; n += R) {
-        vnni_rows<R, C>(ws[i] + n * K, qx, B, K, out, n + 2 * R <= n1);
-        emit(R);
-      }
-      for (; n < n1; ++n) {
-        vnni_rows<1, C>(ws[i] + n * K, qx, B, K, out, false);
-        emit(1);
-      }
-    }
-  });
-}
-
 template <typename OT>
 void vnni_multi(const std::vector<const int8_t*>& ws, const std::vector<int64_t>& ns,
                 const std::vector<const float*>& scales, const std::vector<OT*>& ys, const OT* x, int64_t B,
                 int64_t K) {
+  constexpr int R = 4, C = 4;  // 16 int32 sums + 4 weights + 1 x in registers
   const QuantizedX qx = quantize_x(x, B, K);
-  vnni_multi_rc<4, 4, OT>(ws, ns, scales, ys, qx, B, K);
+  const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * K));
+  parallel_row_groups<R>(ns, grain, [&](size_t i, int64_t n0, int64_t n1) {
+    float out[kMaxB * R];
+    const int64_t N = ns[i];
+    row_groups<R>(n0, n1, [&](auto rows, int64_t n, bool prefetch) {
+      vnni_rows<decltype(rows)::value, C>(ws[i] + n * K, qx, B, K, out, prefetch);
+    }, [&](int64_t n, int rows) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int r = 0; r < rows; ++r) ys[i][b * N + n + r] = static_cast<OT>(out[b * rows + r] * scales[i][n + r]);
+    });
+  });
 }
 #else
 constexpr bool kHaveVnni = false;
@@ -673,15 +686,11 @@ constexpr int64_t kInt4Block = 512;  // K block when the batch takes several pas
 
 // (zero - 24 * scale) . xsum over the groups of one row, for one batch row (16 groups at a time).
 inline float int4_offset(const uint16_t* scale, const uint16_t* zero, const float* xsum, int64_t G) {
-  auto widen = [](const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  };
   __m512 acc = _mm512_setzero_ps();
   const __m512 c24 = _mm512_set1_ps(-24.f);
   int64_t g = 0;
   for (; g + 16 <= G; g += 16)
-    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(widen(scale + g), c24, widen(zero + g)), _mm512_loadu_ps(xsum + g), acc);
+    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(load16(scale + g), c24, load16(zero + g)), _mm512_loadu_ps(xsum + g), acc);
   float s = _mm512_reduce_add_ps(acc);
   for (; g < G; ++g) s += (bf16_to_float(zero[g]) - 24.f * bf16_to_float(scale[g])) * xsum[g];
   return s;
@@ -693,22 +702,9 @@ void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint1
   static_assert(C == 2 || C == 4, "2 or 4 batch rows per pass");
   __m512 acc[R * kMaxB];
   for (int i = 0; i < R * B; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t block = B <= C ? K : kInt4Block;
-  for (int64_t k0 = 0; k0 < K; k0 += block) {
-    const int64_t k1 = std::min(K, k0 + block);
-    for (int64_t b0 = 0; b0 < B; b0 += C) {
-      const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
-      const uint16_t* xb = x + b0 * K;
-      __m512* a = acc + b0 * R;
-      const bool pf = prefetch && b0 == 0;
-      switch (nb) {
-        case 1: int4_block<R, 1, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
-        case 2: int4_block<R, 2, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
-        case 3: int4_block<R, C == 4 ? 3 : 2, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
-        default: int4_block<R, C, GROUP>(w, ldw, scale, G, xb, K, k0, k1, a, pf); break;
-      }
-    }
-  }
+  batch_chunks<C>(B, K, kInt4Block, prefetch, [&](auto rows, int64_t b0, int64_t k0, int64_t k1, bool pf) {
+    int4_block<R, decltype(rows)::value, GROUP>(w, ldw, scale, G, x + b0 * K, K, k0, k1, acc + b0 * R, pf);
+  });
   for (int64_t b0 = 0; b0 < B; b0 += C) {
     const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
     for (int r = 0; r < R; ++r)
@@ -721,26 +717,18 @@ void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint1
 template <int R, int C, int GROUP, typename OT>
 void int4_gemm_rc(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x,
                   const float* xsum, OT* y, int64_t B, int64_t N, int64_t K) {
-  const int64_t G = K / GROUP, ldw = K / 2, groups = (N + R - 1) / R;
+  const int64_t G = K / GROUP, ldw = K / 2;
   // Split as finely as for bf16 weights of the same shape: per byte, int4 takes 4x the work.
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * K * 2));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+  parallel_row_groups<R>({N}, grain, [&](size_t, int64_t n0, int64_t n1) {
     float out[kMaxB * R];
-    const int64_t n1 = std::min(N, g1 * R);
-    int64_t n = g0 * R;
-    auto emit = [&](int rows) {
+    row_groups<R>(n0, n1, [&](auto rows, int64_t n, bool prefetch) {
+      int4_rows<decltype(rows)::value, C, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K,
+                                                 out, prefetch);
+    }, [&](int64_t n, int rows) {
       for (int64_t b = 0; b < B; ++b)
         for (int r = 0; r < rows; ++r) y[b * N + n + r] = static_cast<OT>(out[b * rows + r]);
-    };
-    for (; n + R <= n1; n += R) {
-      int4_rows<R, C, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out,
-                             n + 2 * R <= n1);
-      emit(R);
-    }
-    for (; n < n1; ++n) {
-      int4_rows<1, C, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K, out, false);
-      emit(1);
-    }
+    });
   });
 }
 
