@@ -307,3 +307,70 @@ def test_fused_rms_norm_and_rope_match_the_torch_formulas(dtype):
     assert K.rms_norm(torch.randn(17, 256), weight, 1e-5) is None
     assert K.rope(torch.randn(1, 2, 17, 4), cos[:1, :1].expand(1, 17, 4).contiguous(), sin[:1, :1].expand(1, 17, 4).contiguous()) is None
     assert K.rms_norm(torch.randn(1, 256, requires_grad=True), weight, 1e-5) is None
+
+
+def _reference_decode_attention(q, k, v, cos, sin, key_cache, value_cache, positions, key_valid, kv_len, scale):
+    """The torch ops the fused decode attention replaces (RoPE, cache write, sdpa with a boolean mask)."""
+    from idefics2.text import rotate_half
+
+    b, hkv, _, d = key_cache.shape
+    hq = q.shape[-1] // d
+    qh = q.view(b, 1, hq, d).transpose(1, 2)
+    kh = k.view(b, 1, hkv, d).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    qh, kh = qh * c + rotate_half(qh) * s, kh * c + rotate_half(kh) * s
+    rows = torch.arange(b)
+    key_cache[rows, :, positions] = kh[:, :, 0]
+    value_cache[rows, :, positions] = v.view(b, hkv, d)
+    allowed = torch.arange(kv_len)[None, :] <= positions[:, None]  # [B, K]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, 0, 0, :]
+    out = F.scaled_dot_product_attention(qh, key_cache[:, :, :kv_len], value_cache[:, :, :kv_len],
+                                         attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=hq != hkv)
+    return out.transpose(1, 2).reshape(b, 1, hq * d)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq, hkv, d", [(16, 4, 64), (8, 8, 128), (6, 2, 40), (4, 1, 256)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_torch_ops(dtype, hq, hkv, d, masked):
+    g = torch.Generator().manual_seed(hq * d)
+    b, cap = 3, 96
+    positions = torch.tensor([70, 41, 70])  # row 1 sits earlier, as in a slot cache
+    kv_len = 71
+    q, k, v = (torch.randn(b, 1, h * d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    angles = torch.rand(b, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    caches = [torch.randn(b, hkv, cap, d, generator=g).to(dtype) for _ in range(2)]
+    key_valid = None
+    if masked:  # left padding on row 2, a sliding window on row 0
+        key_valid = torch.ones(b, 1, 1, kv_len, dtype=torch.bool)
+        key_valid[2, ..., :20] = False
+        key_valid[0, ..., :50] = False
+    ours_caches = [c.clone() for c in caches]
+    ours = K.decode_attention(q, k, v, cos, sin, *ours_caches, positions, key_valid, kv_len, d**-0.5)
+    ref = _reference_decode_attention(q, k, v, cos, sin, *caches, positions, key_valid, kv_len, d**-0.5)
+    assert torch.equal(ours_caches[0], caches[0]) and torch.equal(ours_caches[1], caches[1])  # same RoPE roundings
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_decode_attention_row_without_visible_keys_is_zero():
+    b, hkv, d = 2, 2, 64
+    q, k, v = torch.randn(b, 1, 4 * d), torch.randn(b, 1, hkv * d), torch.randn(b, 1, hkv * d)
+    cos, sin = torch.ones(b, 1, d), torch.zeros(b, 1, d)
+    caches = [torch.randn(b, hkv, 8, d) for _ in range(2)]
+    key_valid = torch.ones(b, 1, 1, 5, dtype=torch.bool)
+    key_valid[1] = False
+    out = K.decode_attention(q, k, v, cos, sin, *caches, torch.tensor([4, 4]), key_valid, 5, 0.125)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0
+
+
+@needs_kernel
+def test_decode_attention_rejects_positions_outside_the_keys():
+    caches = [torch.zeros(1, 1, 8, 64) for _ in range(2)]
+    x = torch.zeros(1, 1, 64)
+    with pytest.raises(RuntimeError, match="outside"):
+        K.decode_attention(x, x, x, x, x, *caches, torch.tensor([5]), None, 5, 0.125)

@@ -33,6 +33,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.lengths = [0] * num_layers
         self.growable = True
+        self._positions: tuple[torch.Tensor, int] | None = None
 
     @property
     def capacity(self) -> int:
@@ -64,6 +65,21 @@ class KVCache:
         self.values[layer_idx][:, :, start:end] = value
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def decode_slot(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Room for one new token per row in one layer, for a kernel that writes it itself (the fused decode
+        attention): returns (keys, values, the write position of each row [B], keys seen after the write)."""
+        start = self.lengths[layer_idx]
+        if start + 1 > self.keys[layer_idx].shape[2]:
+            if not self.growable:
+                raise ValueError(f"{start + 1} tokens do not fit this cache slot ({self.keys[layer_idx].shape[2]})")
+            self._grow(layer_idx, start + 1)
+        self.lengths[layer_idx] = start + 1
+        keys = self.keys[layer_idx]
+        if self._positions is None or self._positions[1] != start or self._positions[0].device != keys.device:
+            # one small tensor per step, shared by the layers
+            self._positions = (torch.full((keys.shape[0],), start, dtype=torch.long, device=keys.device), start)
+        return keys, self.values[layer_idx], self._positions[0], start + 1
 
     def _grow(self, layer_idx: int, needed: int) -> None:
         old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
@@ -132,6 +148,18 @@ class SlotKVCache:
             self.lengths[:n] += 1
         return self.keys[layer_idx][:n, :, :end], self.values[layer_idx][:n, :, :end]
 
+    def decode_slot(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """As KVCache.decode_slot: each active row writes at its own length."""
+        n = self.active
+        positions = self.lengths[:n]
+        end = int(positions.max()) + 1
+        if end > self.capacity:
+            raise ValueError(f"slot cache is full ({self.capacity} tokens per request)")
+        if layer_idx == len(self.keys) - 1:
+            positions = positions.clone()  # the kernel reads them after the lengths move on
+            self.lengths[:n] += 1
+        return self.keys[layer_idx][:n], self.values[layer_idx][:n], positions, end
+
     def slot_view(self, slot: int) -> KVCache:
         """A batch-1 KVCache writing into `slot` (for prefilling a new request there)."""
         view = KVCache.__new__(KVCache)
@@ -139,6 +167,7 @@ class SlotKVCache:
         view.values = [v[slot:slot + 1] for v in self.values]
         view.lengths = [0] * len(self.keys)
         view.growable = False  # growing would reallocate away from the slot
+        view._positions = None
         return view
 
     def admit(self, prefilled: KVCache) -> int:

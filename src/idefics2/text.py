@@ -126,10 +126,17 @@ class MistralAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = x.shape
         q, k, v = parallel_linears(x, self.q_proj, self.k_proj, self.v_proj)
+        cos, sin = rope
+        if (length == 1 and cache is not None and self.attn_implementation == "sdpa" and not output_attentions
+                and not self.training
+                and kernels.decode_attention_applies(q, cache.keys[self.layer_idx])):
+            key_cache, value_cache, positions, kv_len = cache.decode_slot(self.layer_idx)
+            out = kernels.decode_attention(q, k, v, cos, sin, key_cache, value_cache, positions, mask, kv_len,
+                                           self.scale)
+            return self.o_proj(out), None
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

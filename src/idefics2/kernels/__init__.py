@@ -31,7 +31,7 @@ MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this 
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
-_SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "image_ops.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decode_attention.cpp", "image_ops.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -231,6 +231,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         return None
     op = _ops()
     return None if op is None else op.rope(x, cos, sin)
+
+
+def decode_attention_applies(q: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` can run this step: CPU, fp32/bf16, contiguous cache, no autograd, kernel built."""
+    if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or key_cache.dtype != q.dtype
+            or key_cache.device.type != "cpu" or not key_cache.is_contiguous()
+            or (torch.is_grad_enabled() and q.requires_grad)):
+        return False
+    return _ops() is not None
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, positions: torch.Tensor,
+                     key_valid: torch.Tensor | None, kv_len: int, scale: float) -> torch.Tensor:
+    """One decoding step of attention in one op (where `decode_attention_applies`): RoPE on q and k, k/v written
+    into the caches [B, Hkv, capacity, D] at [b, :, positions[b]], softmax attention over the keys row b may
+    see (j <= positions[b], j < kv_len, key_valid bool [B|1, 1, 1, kv_len] where given). q [B, 1, Hq*D] and
+    k/v [B, 1, Hkv*D] before RoPE, cos/sin [B, 1, D]; returns [B, 1, Hq*D]."""
+    return _ops().decode_attention(q, k, v, cos, sin, key_cache, value_cache, positions, key_valid, kv_len, scale)
 
 
 # ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------
