@@ -34,6 +34,7 @@ class KVCache:
         self.lengths = [0] * num_layers
         self.growable = True
         self._positions: tuple[torch.Tensor, int] | None = None
+        self.decode_plans: dict = {}  # per layer: its weights as the fused decode op takes them (see text.py)
 
     @property
     def capacity(self) -> int:
@@ -117,6 +118,7 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.active = 0
+        self.decode_plans: dict = {}  # per layer: its weights as the fused decode op takes them (see text.py)
 
     @property
     def capacity(self) -> int:
@@ -168,6 +170,7 @@ class SlotKVCache:
         view.lengths = [0] * len(self.keys)
         view.growable = False  # growing would reallocate away from the slot
         view._positions = None
+        view.decode_plans = self.decode_plans
         return view
 
     def admit(self, prefilled: KVCache) -> int:

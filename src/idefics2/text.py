@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
 from .cache import KVCache
 from .config import MistralTextConfig
 from .layers import GatedMLP, Linear, RMSNorm, attention, parallel_linears
+from .quantize import QuantizedLinear
 
 
 class RotaryEmbedding(nn.Module):
@@ -156,9 +158,64 @@ class MistralDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_size, config.hidden_act)
 
     def forward(self, x, rope, mask, is_causal, cache, output_attentions=False):
+        if x.shape[1] == 1 and cache is not None and not output_attentions and not torch.is_grad_enabled():
+            fused = self.fused_decode(x, rope, mask, cache)
+            if fused is not None:
+                return fused, None
         attn_out, weights = self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, output_attentions)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), weights
+
+
+    def fused_decode(self, x, rope, mask, cache) -> torch.Tensor | None:
+        """This layer for one decoding step as one compiled op (`kernels.decode_layer`: the same kernels, without
+        the Python between them), or None where it does not apply: the caller runs the modules."""
+        attn = self.self_attn
+        if (attn.attn_implementation != "sdpa" or x.shape[0] > kernels.MAX_ROWS
+                or not kernels.decode_attention_applies(x, cache.keys[attn.layer_idx])):
+            return None
+        # The weight lists are gathered once per cache (one generate call, one server run), not every step.
+        plans = cache.decode_plans
+        key = (attn.layer_idx, x.dtype)
+        if key not in plans:
+            plans[key] = decode_layer_weights(self, x.dtype)
+        weights = plans[key]
+        if weights is None:
+            return None
+        key_cache, value_cache, positions, kv_len = cache.decode_slot(attn.layer_idx)
+        cos, sin = rope
+        return kernels.decode_layer(x, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                                    self.input_layernorm.eps, *weights, cos, sin, key_cache, value_cache, positions,
+                                    mask, kv_len, attn.scale)
+
+
+def decode_layer_weights(layer: MistralDecoderLayer, dtype: torch.dtype) -> tuple | None:
+    """(kind, qkv, o, gate_up, down, group): the layer's weights as `kernels.decode_layer` takes them, or None
+    where the layer is not the plain one the op reproduces (adapters, hooks, biases, other modules or dtypes)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    kind = type(projections[0])
+    if (any(type(m) is not kind for m in projections) or any(type(m) is not RMSNorm for m in norms)
+            or type(mlp) is not GatedMLP or mlp.act is not F.silu or norms[0].eps != norms[1].eps
+            or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn, mlp, *norms, *projections))):
+        return None
+    groups = (projections[:3], projections[3:4], projections[4:6], projections[6:])
+    if kind is Linear:
+        if any(m.bias is not None or m.weight.dtype != dtype or m.weight.device.type != "cpu"
+               or not m.weight.is_contiguous() for m in projections):
+            return None
+        return (kernels.DECODE_FLOAT, *([m.weight for m in g] for g in groups), 0)
+    if kind is QuantizedLinear:
+        bits, group = projections[0].bits, projections[0].group_size
+        if any(m.bits != bits or m.qweight.device.type != "cpu" for m in projections):
+            return None
+        if bits == 8:
+            return (kernels.DECODE_INT8, *([m.qweight for m in g] + [m._fp32_scales() for m in g] for g in groups), 0)
+        if any(m.group_size != group for m in projections) or not kernels.int4_kernel_available():
+            return None
+        return (kernels.DECODE_INT4, *([t for m in g for t in (m.qweight, m.scales, m.zeros)] for g in groups), group)
+    return None
 
 
 class MistralModel(nn.Module):

@@ -31,7 +31,7 @@ MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this 
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
-_SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decode_attention.cpp", "image_ops.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -184,6 +184,12 @@ def int8_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[tor
     return None if op is None else op.small_gemm_int8_multi(x, qweights, scales)
 
 
+def int4_kernel_available() -> bool:
+    """The int4 decoding kernel is built and this CPU has AVX512-BF16."""
+    op = _ops()
+    return op is not None and op.has_int4()
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor | None:
     """x [B, K] @ W^T for int4 weights in the chunk128 layout of `idefics2.quantize`, or None (use torch's op).
@@ -192,10 +198,9 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """
     if not _quantized_kernel_applies(x) or x.shape[1] % 128 or group_size not in (32, 64, 128):
         return None
-    op = _ops()
-    if op is None or not op.has_int4():
+    if not int4_kernel_available():
         return None
-    return op.small_gemm_int4(x, qweight, scales, zeros, group_size)
+    return _ops().small_gemm_int4(x, qweight, scales, zeros, group_size)
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
@@ -250,6 +255,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     see (j <= positions[b], j < kv_len, key_valid bool [B|1, 1, 1, kv_len] where given). q [B, 1, Hq*D] and
     k/v [B, 1, Hkv*D] before RoPE, cos/sin [B, 1, D]; returns [B, 1, Hq*D]."""
     return _ops().decode_attention(q, k, v, cos, sin, key_cache, value_cache, positions, key_valid, kv_len, scale)
+
+
+DECODE_FLOAT, DECODE_INT8, DECODE_INT4 = 0, 1, 2  # weight kinds of `decode_layer`
+
+
+def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: float, kind: int,
+                 qkv: list[torch.Tensor], o: list[torch.Tensor], gate_up: list[torch.Tensor], down: list[torch.Tensor],
+                 group: int, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 positions: torch.Tensor, key_valid: torch.Tensor | None, kv_len: int, scale: float) -> torch.Tensor:
+    """A whole Mistral decoder layer for one decoding step ([B, 1, H] -> [B, 1, H]) in one op: the same kernels
+    and ATen ops the Python layer calls (bit-identical), without the Python between them. The weight lists
+    by kind: DECODE_FLOAT [W] per projection, DECODE_INT8 [qweights..., fp32 scales...], DECODE_INT4
+    [qweight, scales, zeros] per projection. Only for inputs where `decode_attention_applies`."""
+    return _ops().decode_layer(x, ln1, ln2, eps, kind, qkv, o, gate_up, down, group, cos, sin, key_cache,
+                               value_cache, positions, key_valid, kv_len, scale)
 
 
 # ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------

@@ -184,6 +184,20 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in MiB: what torch allocated on a GPU (and the allocator's reserve,
+    which is what nvidia-smi shows), or the peak resident set on the CPU."""
+    if device.type == "cuda":
+        return {"peak_gpu_allocated_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved(device) / 2**20, 1)}
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        return {"peak_rss_mib": round(kib / 1024, 1)}
+    except (OSError, StopIteration, ValueError):  # not Linux
+        return {}
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -445,7 +459,7 @@ class Trainer:
             samples_since += self.global_batch
             now = time.perf_counter()
             record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **record,
-                      "samples_per_s": samples_since / max(now - t_last, 1e-9)}
+                      "samples_per_s": samples_since / max(now - t_last, 1e-9), **peak_memory(self.dist.device)}
             t_last, samples_since = now, 0
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 self.log(record)

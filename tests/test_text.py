@@ -1,0 +1,81 @@
+"""The fused decoding path of the text decoder (`MistralDecoderLayer.fused_decode`, kernels/decode_layer.cpp):
+bit-identical to running the layer's modules, and only taken where it reproduces them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from reference import left_pad, tiny_config_dict
+
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, kernels
+from idefics2.quantize import quantize_model
+from idefics2.text import MistralDecoderLayer, decode_layer_weights
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("IDEFICS2_DISABLE_KERNELS", "") not in ("", "0") or not kernels.kernel_available(),
+    reason="compiled kernels unavailable",
+)
+
+
+def _model(dtype, quant):
+    config = tiny_config_dict(sliding_window=8, text_heads=4, text_kv_heads=2)  # window < prompt + new tokens
+    config["text_config"].update(hidden_size=128, intermediate_size=256)  # int4 needs in_features % 128 == 0
+    torch.manual_seed(0)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(config)).to(dtype).eval()
+    if quant:
+        quantize_model(model, quant)
+    return model
+
+
+def _generate(model, fused: bool, monkeypatch):
+    calls = []
+    real = MistralDecoderLayer.fused_decode
+
+    def tracked(self, *args):
+        out = real(self, *args) if fused else None
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(MistralDecoderLayer, "fused_decode", tracked)
+    g = torch.Generator().manual_seed(1)
+    ids, mask = left_pad([torch.randint(3, 100, (n,), generator=g) for n in (11, 6, 9)])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True, bad_words_ids=None)
+    monkeypatch.setattr(MistralDecoderLayer, "fused_decode", real)
+    return out, calls
+
+
+@pytest.mark.parametrize("dtype, quant", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"),
+                                          (torch.float32, "int8"), (torch.bfloat16, "int4")])
+def test_fused_decode_is_bit_identical_to_the_modules(dtype, quant, monkeypatch):
+    if quant == "int4" and not kernels.int4_kernel_available():
+        pytest.skip("int4 kernel needs AVX512-BF16")
+    model = _model(dtype, quant)
+    fused, calls = _generate(model, True, monkeypatch)
+    modules, _ = _generate(model, False, monkeypatch)
+    assert calls and all(calls)  # every decoding step of every layer took the fused op
+    assert torch.equal(fused.sequences, modules.sequences)
+    for a, b in zip(fused.scores, modules.scores):
+        assert torch.equal(a, b)
+
+
+def test_layers_with_hooks_or_other_modules_run_their_modules(monkeypatch):
+    model = _model(torch.float32, None)
+    reference, _ = _generate(model, False, monkeypatch)
+    seen = []
+    hooked = model.model.text_model.layers[1].mlp.down_proj
+    handle = hooked.register_forward_hook(lambda module, args, out: seen.append(1))
+    assert decode_layer_weights(model.model.text_model.layers[0], torch.float32) is not None
+    assert decode_layer_weights(model.model.text_model.layers[1], torch.float32) is None
+    out, calls = _generate(model, True, monkeypatch)
+    handle.remove()
+    assert calls.count(True) == calls.count(False)  # layer 0 fused, layer 1 through its modules (and its hook)
+    assert len(seen) == 1 + 9  # prefill + 9 decoding steps
+    assert torch.equal(out.sequences, reference.sequences)
+    # a different module (an adapter, say) in place of a projection: not the layer the op reproduces
+    model.model.text_model.layers[0].self_attn.o_proj = torch.nn.Linear(128, 128, bias=False)
+    assert decode_layer_weights(model.model.text_model.layers[0], torch.float32) is None
+    # weights in another dtype than the activations: the modules decide (they cast or refuse)
+    assert decode_layer_weights(model.model.text_model.layers[1], torch.bfloat16) is None
