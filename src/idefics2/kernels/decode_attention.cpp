@@ -50,8 +50,17 @@ inline void widen(const T* src, float* dst, int64_t n) {
 #include <immintrin.h>
 #endif
 
-// s[g] = <q_g, k> for the G query heads sharing one key (the key row is read once).
-inline void dots(const float* q, const float* k, int64_t G, int64_t D, float* s) {
+#if defined(__AVX512F__)
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const c10::BFloat16* p) {  // a bf16 is the top half of an fp32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// s[g] = <q_g, k> for the G query heads sharing one key (the key row is read once, widened in registers).
+template <typename T>
+inline void dots(const float* q, const T* k, int64_t G, int64_t D, float* s) {
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
     int64_t g = 0;
@@ -59,7 +68,7 @@ inline void dots(const float* q, const float* k, int64_t G, int64_t D, float* s)
       const float* q0 = q + g * D;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < D; d += 16) {
-        const __m512 kv = _mm512_loadu_ps(k + d);
+        const __m512 kv = load16f(k + d);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kv, a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + d), kv, a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + d), kv, a2);
@@ -70,7 +79,7 @@ inline void dots(const float* q, const float* k, int64_t G, int64_t D, float* s)
     }
     for (; g < G; ++g) {
       __m512 a = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), _mm512_loadu_ps(k + d), a);
+      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), load16f(k + d), a);
       s[g] = _mm512_reduce_add_ps(a);
     }
     return;
@@ -78,29 +87,29 @@ inline void dots(const float* q, const float* k, int64_t G, int64_t D, float* s)
 #endif
   for (int64_t g = 0; g < G; ++g) {
     float sum = 0.f;
-    for (int64_t d = 0; d < D; ++d) sum += q[g * D + d] * k[d];
+    for (int64_t d = 0; d < D; ++d) sum += q[g * D + d] * static_cast<float>(k[d]);
     s[g] = sum;
   }
 }
 
 #if defined(__AVX512F__)
-template <int V, typename RowFn>  // D = 16 * V, the accumulator in V registers
-inline void weighted_sum_regs(const float* p, int64_t n, RowFn rows, float* out) {
+template <int V, typename T>  // D = 16 * V, the accumulator in V registers
+inline void weighted_sum_regs(const float* p, int64_t n, const T* rows, float* out) {
   __m512 acc[V];
   for (int i = 0; i < V; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     if (p[j] == 0.f) continue;  // masked key
-    const float* r = rows(j);
+    const T* r = rows + j * 16 * V;
     const __m512 pj = _mm512_set1_ps(p[j]);
-    for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(r + 16 * i), acc[i]);
+    for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pj, load16f(r + 16 * i), acc[i]);
   }
   for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 #endif
 
-// out[0..D) = sum_j p[j] * rows(j)[0..D) over n rows; rows(j) gives row j as float.
-template <typename RowFn>
-inline void weighted_sum(const float* p, int64_t n, int64_t D, RowFn rows, float* out) {
+// out[0..D) = sum_j p[j] * rows[j, 0..D) over n contiguous rows.
+template <typename T>
+inline void weighted_sum(const float* p, int64_t n, int64_t D, const T* rows, float* out) {
 #if defined(__AVX512F__)
   if (D == 64) return weighted_sum_regs<4>(p, n, rows, out);
   if (D == 128) return weighted_sum_regs<8>(p, n, rows, out);
@@ -109,8 +118,7 @@ inline void weighted_sum(const float* p, int64_t n, int64_t D, RowFn rows, float
   std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     if (p[j] == 0.f) continue;
-    const float* r = rows(j);
-    for (int64_t d = 0; d < D; ++d) out[d] += p[j] * r[d];
+    for (int64_t d = 0; d < D; ++d) out[d] += p[j] * static_cast<float>(rows[j * D + d]);
   }
 }
 
@@ -118,14 +126,22 @@ inline void weighted_sum(const float* p, int64_t n, int64_t D, RowFn rows, float
 inline float softmax_numerators(float* p, int64_t n) {
   using Vec = at::vec::Vectorized<float>;
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec vm(mx);
+    for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(p + j));
+    float lanes[Vec::size()];
+    vm.store(lanes);
+    for (int64_t i = 0; i < Vec::size(); ++i) mx = std::max(mx, lanes[i]);
+  }
+  for (; j < n; ++j) mx = std::max(mx, p[j]);
   if (mx == -std::numeric_limits<float>::infinity()) {  // no visible key: zeros (as torch >= 2.5's sdpa)
     std::fill(p, p + n, 0.f);
     return 0.f;
   }
   const Vec vmax(mx);
   Vec vsum(0.f);
-  int64_t j = 0;
+  j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
     const Vec e = (Vec::loadu(p + j) - vmax).exp_u20();
     e.store(p + j);
@@ -160,9 +176,8 @@ void decode_attention_impl(const T* q, const T* k, const T* v, const T* cos, con
   const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, 2 * G * D * kv_len));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> roped(static_cast<size_t>(D));
-    std::vector<float> qf(static_cast<size_t>(G * D)), acc(static_cast<size_t>(G * D)), row(static_cast<size_t>(D));
+    std::vector<float> qf(static_cast<size_t>(G * D)), acc(static_cast<size_t>(G * D));
     std::vector<float> scores(static_cast<size_t>(G * kv_len)), sum(static_cast<size_t>(G)), s(static_cast<size_t>(G));
-    std::vector<float> vbuf(kReduced ? static_cast<size_t>(kv_len * D) : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
       for (int64_t g = 0; g < G; ++g) {  // the query heads that share key/value head h
@@ -178,14 +193,7 @@ void decode_attention_impl(const T* q, const T* k, const T* v, const T* cos, con
           for (int64_t g = 0; g < G; ++g) scores[g * kv_len + j] = -std::numeric_limits<float>::infinity();
           continue;
         }
-        const float* kr;
-        if constexpr (kReduced) {
-          widen(K + j * D, row.data(), D);
-          kr = row.data();
-        } else {
-          kr = K + j * D;
-        }
-        dots(qf.data(), kr, G, D, s.data());
+        dots(qf.data(), K + j * D, G, D, s.data());
         for (int64_t g = 0; g < G; ++g) scores[g * kv_len + j] = s[g] * scale;
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -194,17 +202,7 @@ void decode_attention_impl(const T* q, const T* k, const T* v, const T* cos, con
         if constexpr (kReduced)  // torch's flash attention weights v with bf16 probabilities
           for (int64_t j = 0; j < keys; ++j) p[j] = static_cast<float>(static_cast<T>(p[j]));
       }
-      // v rows widened once (bf16) and then weighted per query head, the accumulator in registers
-      const float* vrows = nullptr;
-      if constexpr (kReduced) {
-        widen(V, vbuf.data(), keys * D);
-        vrows = vbuf.data();
-      } else {
-        vrows = V;
-      }
-      for (int64_t g = 0; g < G; ++g)
-        weighted_sum(scores.data() + g * kv_len, keys, D, [&](int64_t j) { return vrows + j * D; },
-                     acc.data() + g * D);
+      for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * kv_len, keys, D, V, acc.data() + g * D);
       for (int64_t g = 0; g < G; ++g) {
         // a row that may see no key gets zeros (torch >= 2.5's sdpa does the same)
         const float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
