@@ -851,12 +851,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.dim() == 1 && x.size(-1) == H, "rms_norm: weight [H] and x [..., H]");
   for (auto t : {x.scalar_type(), weight.scalar_type()})
     TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "rms_norm: fp32 or bf16 tensors");
-  const at::Tensor xc = x.contiguous(), wf = weight.to(at::kFloat).contiguous();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();  // bf16 weights are read as they are
   const auto out_type = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_type));
   const int64_t rows = H ? x.numel() / H : 0;
   const bool x_bf16 = x.scalar_type() == at::kBFloat16, y_bf16 = out_type == at::kBFloat16;
-  const float* w = wf.data_ptr<float>();
+  const bool w_bf16 = weight.scalar_type() == at::kBFloat16;
+  const void* wp = wc.data_ptr();
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
   std::vector<float> v(static_cast<size_t>(H));
@@ -870,7 +871,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     for (int64_t h = 0; h < H; ++h) {
       float n = v[h] * inv;
       if (x_bf16) n = static_cast<float>(c10::BFloat16(n));
-      const float out = w[h] * n;
+      const float wh = w_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(wp)[h])
+                              : static_cast<const float*>(wp)[h];
+      const float out = wh * n;
       if (y_bf16) static_cast<c10::BFloat16*>(yp)[r * H + h] = c10::BFloat16(out);
       else static_cast<float*>(yp)[r * H + h] = out;
     }
