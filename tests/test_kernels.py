@@ -374,3 +374,26 @@ def test_decode_attention_rejects_positions_outside_the_keys():
     x = torch.zeros(1, 1, 64)
     with pytest.raises(RuntimeError, match="outside"):
         K.decode_attention(x, x, x, x, x, *caches, torch.tensor([5]), None, 5, 0.125)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_prefill_linear_through_fp32_gemm(bias, monkeypatch):
+    """Many bf16 rows on a CPU without AMX: widened to fp32, one fp32 GEMM, rounded once (a bf16 GEMM's
+    arithmetic), in weight blocks; under autograd it stays F.linear."""
+    monkeypatch.setattr(K, "_bf16_gemm_is_slow", lambda: True)
+    monkeypatch.setattr(K, "WIDE_BLOCK_BYTES", 256 * 4 * 200)  # several blocks of 256 rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 200, generator=g).bfloat16()
+    w = (torch.randn(700, 200, generator=g) / 200**0.5).bfloat16()
+    b = torch.randn(700, generator=g).bfloat16() if bias else None
+    calls = []
+    real = K._bf16_linear_in_fp32
+    monkeypatch.setattr(K, "_bf16_linear_in_fp32", lambda *a: calls.append(1) or real(*a))
+    out = small_batch_linear(x, w, b)
+    assert calls and out.dtype == torch.bfloat16 and out.shape == (3, 40, 700)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    # one rounding to bf16 (half an ulp: 2**-9 relative) on top of fp32 accumulation error
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-9 + 1e-5).all()
+    calls.clear()
+    small_batch_linear(x.requires_grad_(), w, b)
+    assert not calls

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import Idefics2Config, Idefics2PerceiverConfig
-from .layers import GatedMLP, RMSNorm, attention, key_padding_mask
+from .layers import GatedMLP, Linear, RMSNorm, attention, key_padding_mask
 
 
 class Idefics2PerceiverAttention(nn.Module):
@@ -21,10 +21,10 @@ class Idefics2PerceiverAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, n_latents, _ = latents.shape

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import Idefics2VisionConfig
-from .layers import activation, attention, key_padding_mask
+from .layers import Linear, activation, attention, key_padding_mask
 
 
 def patch_position_ids(patch_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
@@ -57,10 +57,10 @@ class Idefics2VisionAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -77,8 +77,8 @@ class Idefics2VisionAttention(nn.Module):
 class Idefics2VisionMLP(nn.Module):
     def __init__(self, config: Idefics2VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ dtypes or shapes, autograd) it is exactly F.linear; `kernel_available()` / `kern
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -38,17 +39,27 @@ _lock = threading.Lock()
 _state: dict = {"tried": False, "op": None, "status": "not built yet"}
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags: -march=native builds must not be shared across CPUs."""
-    flags = ""
+@functools.cache
+def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return line
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
+    return ""
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags: -march=native builds must not be shared across CPUs."""
+    return hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:8]
+
+
+def _bf16_gemm_is_slow() -> bool:
+    """x86 CPUs without AMX multiply bf16 matrices slower than fp32 ones (oneDNN's AVX512-BF16 path runs at
+    about half of MKL's sgemm on the 2-core machine this was measured on); with AMX, bf16 is the fast path."""
+    flags = _cpu_flags().split()
+    return platform.machine() in ("x86_64", "AMD64") and "amx_bf16" not in flags
 
 
 def _build() -> tuple[object | None, str]:
@@ -126,11 +137,34 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     ))
 
 
+WIDE_BLOCK_BYTES = 32 << 20  # fp32 copy of a weight block in `_bf16_linear_in_fp32`
+
+
+def _bf16_linear_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 F.linear for many rows (prefill) through the fp32 GEMM: bf16 values widen to fp32 exactly and the
+    GEMM accumulates in fp32, then the result is rounded to bf16 once, the arithmetic of a bf16 GEMM (only the
+    summation order differs); blocks of weight rows are widened one at a time (<= 32 MiB)."""
+    xf = x.reshape(-1, x.shape[-1]).float()
+    n = weight.shape[0]
+    out = torch.empty(xf.shape[0], n, dtype=torch.bfloat16)
+    block = max(256, WIDE_BLOCK_BYTES // (4 * weight.shape[1]))
+    for n0 in range(0, n, block):
+        rows = slice(n0, min(n, n0 + block))
+        out[:, rows] = F.linear(xf, weight[rows].float(), None if bias is None else bias[rows].float())
+    return out.reshape(*x.shape[:-1], n)
+
+
 def _fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.dtype != weight.dtype and weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
         # fp32 activations with bf16 weights: same meaning as the kernel (weights widened to fp32)
         weight = weight.float()
         bias = bias.float() if bias is not None else None
+    elif (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.device.type == "cpu"
+          and x.dim() >= 1 and x.numel() > MAX_ROWS * x.shape[-1] and _bf16_gemm_is_slow()
+          and (bias is None or bias.dtype == torch.bfloat16)
+          and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                               or (bias is not None and bias.requires_grad)))):
+        return _bf16_linear_in_fp32(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
