@@ -392,8 +392,8 @@ def test_bf16_prefill_linear_through_fp32_gemm(bias, monkeypatch):
     out = small_batch_linear(x, w, b)
     assert calls and out.dtype == torch.bfloat16 and out.shape == (3, 40, 700)
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
-    # one rounding to bf16 (half an ulp: 2**-9 relative) on top of fp32 accumulation error
-    assert ((out.double() - exact).abs() <= exact.abs() * 2**-9 + 1e-5).all()
+    # one rounding to bf16 (unit roundoff 2**-8) on top of fp32 accumulation error
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
     calls.clear()
     small_batch_linear(x.requires_grad_(), w, b)
     assert not calls
