@@ -15,6 +15,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include "rope.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -27,19 +29,6 @@
 
 namespace {
 
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
-template <typename T>
-void rope_one(const T* x, const T* c, const T* s, T* y, int64_t D) {
-  const int64_t half = D / 2;
-  for (int64_t d = 0; d < D; ++d) {
-    const float rotated = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
-    const T a = static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
-    const T r = static_cast<T>(static_cast<float>(static_cast<T>(rotated)) * static_cast<float>(s[d]));
-    y[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(r));
-  }
-}
-#pragma GCC pop_options
 
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
@@ -166,7 +155,7 @@ void decode_attention_impl(const T* q, const T* k, const T* v, const T* cos, con
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t at = ((b * Hkv + h) * cap + pos[b]) * D;
-      rope_one(k + (b * Hkv + h) * D, cos + b * D, sin + b * D, key_cache + at, D);
+      idefics2_kernels::rope_vector(k + (b * Hkv + h) * D, cos + b * D, sin + b * D, key_cache + at, D);
       for (int64_t d = 0; d < D; ++d) value_cache[at + d] = v[(b * Hkv + h) * D + d];
     }
   const int64_t G = Hq / Hkv;
@@ -181,7 +170,7 @@ void decode_attention_impl(const T* q, const T* k, const T* v, const T* cos, con
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
       for (int64_t g = 0; g < G; ++g) {  // the query heads that share key/value head h
-        rope_one(q + (b * Hq + h * G + g) * D, cos + b * D, sin + b * D, roped.data(), D);
+        idefics2_kernels::rope_vector(q + (b * Hq + h * G + g) * D, cos + b * D, sin + b * D, roped.data(), D);
         widen(roped.data(), qf.data() + g * D, D);
       }
       const T* K = key_cache + (b * Hkv + h) * cap * D;

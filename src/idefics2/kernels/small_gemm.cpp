@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
+#include "rope.h"
 
 #include <algorithm>
 #include <cmath>
@@ -882,28 +883,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 // Rotary embedding for decoding, one op instead of about ten: x * cos + rotate_half(x) * sin with x [B, H, T, D],
-// cos/sin [B, T, D] in x's dtype; each product and the sum are rounded to that dtype, as the torch ops do.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
+// cos/sin [B, T, D] in x's dtype (roundings as the torch ops: see rope.h).
 template <typename T>
 void rope_rows(const T* x, const T* c, const T* s, T* y, int64_t B, int64_t H, int64_t L, int64_t D) {
-  const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t t = 0; t < L; ++t) {
-        const T* xr = x + ((b * H + h) * L + t) * D;
-        const T* cr = c + (b * L + t) * D;
-        const T* sr = s + (b * L + t) * D;
-        T* yr = y + ((b * H + h) * L + t) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const float rotated = d < half ? -static_cast<float>(xr[d + half]) : static_cast<float>(xr[d - half]);
-          const T a = static_cast<T>(static_cast<float>(xr[d]) * static_cast<float>(cr[d]));
-          const T r = static_cast<T>(static_cast<float>(static_cast<T>(rotated)) * static_cast<float>(sr[d]));
-          yr[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(r));
-        }
-      }
+      for (int64_t t = 0; t < L; ++t)
+        idefics2_kernels::rope_vector(x + ((b * H + h) * L + t) * D, c + (b * L + t) * D, s + (b * L + t) * D,
+                                      y + ((b * H + h) * L + t) * D, D);
 }
-#pragma GCC pop_options
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(3) % 2 == 0, "rope: CPU x [B, H, T, D], D even");

@@ -1,0 +1,24 @@
+// Rotary embedding of one head vector, shared by the rope op (small_gemm.cpp) and the fused decode attention
+// (decode_attention.cpp): y = x * cos + rotate_half(x) * sin over D values, each product and the sum rounded to
+// T, as the separate torch ops round them (so both ops agree with the torch formula bit for bit).
+#pragma once
+
+#include <cstdint>
+
+namespace idefics2_kernels {
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
+template <typename T>
+inline void rope_vector(const T* x, const T* c, const T* s, T* y, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float rotated = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
+    const T a = static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
+    const T r = static_cast<T>(static_cast<float>(static_cast<T>(rotated)) * static_cast<float>(s[d]));
+    y[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(r));
+  }
+}
+#pragma GCC pop_options
+
+}  // namespace idefics2_kernels
