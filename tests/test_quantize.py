@@ -129,18 +129,24 @@ def test_int4_checkpoint_from_the_early_layout_is_refused(checkpoint, tmp_path):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
 
 
-def test_int8_projections_share_one_kernel_call_with_the_same_results():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_projections_share_one_kernel_call_with_the_same_results(bits):
+    from idefics2 import kernels
     from idefics2.layers import parallel_linears
 
+    if not kernels.kernel_available() or (bits == 4 and not kernels.int4_kernel_available()):
+        pytest.skip("the int8 / int4 decoding kernels are not available here")
     torch.manual_seed(0)
-    layers = [QuantizedLinear.from_linear(torch.nn.Linear(256, n, bias=False), 8) for n in (128, 64, 64)]
+    layers = [QuantizedLinear.from_linear(torch.nn.Linear(256, n, bias=False), bits) for n in (128, 64, 64)]
     x = torch.randn(2, 1, 256).to(torch.bfloat16)
     with torch.no_grad():
+        assert QuantizedLinear.parallel_forward(x, tuple(layers)) is not None  # one call for the three
         together = parallel_linears(x, *layers)
         alone = [layer(x) for layer in layers]
     assert all(torch.equal(a, b) for a, b in zip(together, alone))
-    int4 = [QuantizedLinear.from_linear(torch.nn.Linear(256, 64, bias=False), 4) for _ in range(2)]
-    assert QuantizedLinear.parallel_forward(x, tuple(int4)) is None  # int4: module by module
+    if bits == 4:  # int4 layers of different group sizes: module by module
+        other = QuantizedLinear.from_linear(torch.nn.Linear(256, 64, bias=False), 4, group_size=128)
+        assert QuantizedLinear.parallel_forward(x, (layers[0], other)) is None
 
 
 def test_other_devices_dequantize_with_a_warning():

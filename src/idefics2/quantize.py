@@ -118,11 +118,19 @@ class QuantizedLinear(nn.Module):
 
     @staticmethod
     def parallel_forward(x: torch.Tensor, layers: tuple[QuantizedLinear, ...]) -> list[torch.Tensor] | None:
-        """int8 layers of the same in_features at decode time in one kernel call (q/k/v, gate/up), or None."""
-        if x.device.type != "cpu" or any(m.bits != 8 or m.in_features != x.shape[-1] for m in layers):
+        """int8 or int4 layers of the same in_features at decode time in one kernel call (q/k/v, gate/up), or
+        None (the caller runs them one by one)."""
+        bits, group = layers[0].bits, layers[0].group_size
+        if x.device.type != "cpu" or any(m.bits != bits or m.in_features != x.shape[-1] for m in layers):
             return None
-        ys = kernels.int8_matmuls(x.reshape(-1, x.shape[-1]), [m.qweight for m in layers],
-                                  [m._fp32_scales() for m in layers])
+        x2 = x.reshape(-1, x.shape[-1])
+        if bits == 8:
+            ys = kernels.int8_matmuls(x2, [m.qweight for m in layers], [m._fp32_scales() for m in layers])
+        elif all(m.group_size == group for m in layers):
+            ys = kernels.int4_matmuls(x2, [m.qweight for m in layers], [m.scales for m in layers],
+                                      [m.zeros for m in layers], group)
+        else:
+            return None
         if ys is None:
             return None
         return [y.reshape(*x.shape[:-1], m.out_features).to(x.dtype) for y, m in zip(ys, layers)]

@@ -214,7 +214,8 @@ def decode_layer_weights(layer: MistralDecoderLayer, dtype: torch.dtype) -> tupl
             return (kernels.DECODE_INT8, *([m.qweight for m in g] + [m._fp32_scales() for m in g] for g in groups), 0)
         if any(m.group_size != group for m in projections) or not kernels.int4_kernel_available():
             return None
-        return (kernels.DECODE_INT4, *([t for m in g for t in (m.qweight, m.scales, m.zeros)] for g in groups), group)
+        return (kernels.DECODE_INT4, *([m.qweight for m in g] + [m.scales for m in g] + [m.zeros for m in g]
+                                       for g in groups), group)
     return None
 
 

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "int4_matmul", "int8_matmul", "int8_matmuls",
-           "kernel_available", "kernel_status", "lut_to_chw", "small_batch_linear", "small_batch_linears"]
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "int4_matmul", "int4_matmuls", "int8_matmul",
+           "int8_matmuls", "kernel_available", "kernel_status", "lut_to_chw", "small_batch_linear",
+           "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
@@ -224,6 +225,16 @@ def int4_kernel_available() -> bool:
     return op is not None and op.has_int4()
 
 
+def int4_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                 zeros: list[torch.Tensor], group_size: int) -> list[torch.Tensor] | None:
+    """`int4_matmul` for several weights of the same in_features in one kernel call (q/k/v, gate/up), or None."""
+    if not _quantized_kernel_applies(x) or x.shape[1] % 128 or group_size not in (32, 64, 128):
+        return None
+    if not int4_kernel_available():
+        return None
+    return _ops().small_gemm_int4_multi(x, qweights, scales, zeros, group_size)
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor | None:
     """x [B, K] @ W^T for int4 weights in the chunk128 layout of `idefics2.quantize`, or None (use torch's op).
@@ -301,7 +312,7 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: flo
     """A whole Mistral decoder layer for one decoding step ([B, 1, H] -> [B, 1, H]) in one op: the same kernels
     and ATen ops the Python layer calls (bit-identical), without the Python between them. The weight lists
     by kind: DECODE_FLOAT [W] per projection, DECODE_INT8 [qweights..., fp32 scales...], DECODE_INT4
-    [qweight, scales, zeros] per projection. Only for inputs where `decode_attention_applies`."""
+    [qweights..., scales..., zeros...]. Only for inputs where `decode_attention_applies`."""
     return _ops().decode_layer(x, ln1, ln2, eps, kind, qkv, o, gate_up, down, group, cos, sin, key_cache,
                                value_cache, positions, key_valid, kv_len, scale)
 

@@ -5,8 +5,8 @@
 // and mul), so results are bit-identical; what it removes is the Python between them: about 250 us per layer
 // per step, milliseconds per token over a decoder, a large share of a quantized model's step.
 //
-// Weights come as lists by kind: 0 float ([W] per projection), 1 int8 ([qweight, fp32 scales]),
-// 2 int4 ([qweight, scales, zeros], `group` along K). q/k/v and gate/up are each one list of projections.
+// Weights come as lists by kind: 0 float ([W] per projection), 1 int8 ([qweights..., fp32 scales...]),
+// 2 int4 ([qweights..., scales..., zeros...], `group` along K). q/k/v and gate/up are each one list of projections.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -54,12 +54,13 @@ std::vector<at::Tensor> linears(const at::Tensor& x, int64_t kind, at::TensorLis
                          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList)>();
     const size_t n = w.size() / 2;
     ys = op.call(x, w.slice(0, n), w.slice(n, n));
-  } else {  // int4: [q, scales, zeros] per projection, one call each (as QuantizedLinear.forward)
+  } else {  // int4: [qweights..., scales..., zeros...]: one call for all
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("idefics2_kernels::small_gemm_int4", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, int64_t)>();
-    for (size_t i = 0; i + 2 < w.size(); i += 3) ys.push_back(op.call(x, w[i], w[i + 1], w[i + 2], group));
+                         .findSchemaOrThrow("idefics2_kernels::small_gemm_int4_multi", "")
+                         .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
+                                                        at::TensorList, int64_t)>();
+    const size_t n = w.size() / 3;
+    ys = op.call(x, w.slice(0, n), w.slice(n, n), w.slice(2 * n, n), group);
   }
   for (auto& y : ys) y = y.to(x.scalar_type());
   return ys;

@@ -715,61 +715,78 @@ void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint1
   }
 }
 
+// One int4 weight of several (q/k/v, gate/up) sharing x: its packed nibbles, scales, zeros, rows and output.
+template <typename OT>
+struct Int4Weight {
+  const uint8_t* w;
+  const uint16_t* scale;
+  const uint16_t* zero;
+  int64_t N;
+  OT* y;
+};
+
 template <int R, int C, int GROUP, typename OT>
-void int4_gemm_rc(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x,
-                  const float* xsum, OT* y, int64_t B, int64_t N, int64_t K) {
+void int4_gemm_rc(const std::vector<Int4Weight<OT>>& ws, const uint16_t* x, const float* xsum, int64_t B, int64_t K) {
   const int64_t G = K / GROUP, ldw = K / 2;
   // Split as finely as for bf16 weights of the same shape: per byte, int4 takes 4x the work.
   const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * K * 2));
-  parallel_row_groups<R>({N}, grain, [&](size_t, int64_t n0, int64_t n1) {
+  std::vector<int64_t> ns;
+  for (const auto& wt : ws) ns.push_back(wt.N);
+  parallel_row_groups<R>(ns, grain, [&](size_t i, int64_t n0, int64_t n1) {
+    const Int4Weight<OT>& wt = ws[i];
     float out[kMaxB * R];
     row_groups<R>(n0, n1, [&](auto rows, int64_t n, bool prefetch) {
-      int4_rows<decltype(rows)::value, C, GROUP>(w + n * ldw, ldw, scale + n * G, zero + n * G, G, x, xsum, B, K,
-                                                 out, prefetch);
+      int4_rows<decltype(rows)::value, C, GROUP>(wt.w + n * ldw, ldw, wt.scale + n * G, wt.zero + n * G, G, x, xsum,
+                                                 B, K, out, prefetch);
     }, [&](int64_t n, int rows) {
       for (int64_t b = 0; b < B; ++b)
-        for (int r = 0; r < rows; ++r) y[b * N + n + r] = static_cast<OT>(out[b * rows + r]);
+        for (int r = 0; r < rows; ++r) wt.y[b * wt.N + n + r] = static_cast<OT>(out[b * rows + r]);
     });
   });
 }
 
 template <int GROUP, typename OT>
-void int4_gemm(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x, const float* xsum,
-               OT* y, int64_t B, int64_t N, int64_t K) {
-  if (B <= 2) int4_gemm_rc<4, 2, GROUP, OT>(w, scale, zero, x, xsum, y, B, N, K);
-  else int4_gemm_rc<2, 4, GROUP, OT>(w, scale, zero, x, xsum, y, B, N, K);
+void int4_gemm(const std::vector<Int4Weight<OT>>& ws, const uint16_t* x, const float* xsum, int64_t B, int64_t K) {
+  if (B <= 2) int4_gemm_rc<4, 2, GROUP, OT>(ws, x, xsum, B, K);
+  else int4_gemm_rc<2, 4, GROUP, OT>(ws, x, xsum, B, K);
 }
 
 template <typename OT>
-void int4_dispatch(int64_t group, const uint8_t* w, const uint16_t* scale, const uint16_t* zero, const uint16_t* x,
-                   const float* xsum, OT* y, int64_t B, int64_t N, int64_t K) {
-  if (group == 32) int4_gemm<32, OT>(w, scale, zero, x, xsum, y, B, N, K);
-  else if (group == 64) int4_gemm<64, OT>(w, scale, zero, x, xsum, y, B, N, K);
-  else int4_gemm<128, OT>(w, scale, zero, x, xsum, y, B, N, K);
+void int4_dispatch(int64_t group, const std::vector<Int4Weight<OT>>& ws, const uint16_t* x, const float* xsum,
+                   int64_t B, int64_t K) {
+  if (group == 32) int4_gemm<32, OT>(ws, x, xsum, B, K);
+  else if (group == 64) int4_gemm<64, OT>(ws, x, xsum, B, K);
+  else int4_gemm<128, OT>(ws, x, xsum, B, K);
 }
 #else
 constexpr bool kHaveInt4 = false;
 #endif
 
-at::Tensor small_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, int64_t group_size) {
+// x [B, K] against several int4 weights of the same K (one kernel call, the threads woken once).
+std::vector<at::Tensor> small_gemm_int4_multi(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                                              at::TensorList zeros, int64_t group_size) {
   TORCH_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-BF16 (this build: ", isa(), ")");
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "small_gemm_int4: CPU tensors only");
+  TORCH_CHECK(x.device().is_cpu(), "small_gemm_int4: CPU tensors only");
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "small_gemm_int4: group 32, 64 or 128");
-  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "small_gemm_int4: x [B, K] and qweight [N, K / 2]");
-  const int64_t B = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(x.dim() == 2, "small_gemm_int4: x [B, K]");
+  TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() && zeros.size() == qweights.size(),
+              "small_gemm_int4: one scales and one zeros tensor per weight");
+  const int64_t B = x.size(0), K = x.size(1), G = K / group_size;
   TORCH_CHECK(K % 128 == 0, "small_gemm_int4: K must be a multiple of 128");
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.size(1) * 2 == K,
-              "small_gemm_int4: qweight must be contiguous uint8 [N, K / 2]");
-  const int64_t G = K / group_size;
-  for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                    t->size(1) == G,
-                "small_gemm_int4: scales and zeros must be contiguous bf16 [N, K / group]");
   TORCH_CHECK(B <= kMaxB, "small_gemm_int4: at most ", kMaxB, " rows");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int4: fp32 or bf16 x");
-  at::Tensor y = at::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return y;
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const at::Tensor& q = qweights[i];
+    TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
+                    q.size(1) * 2 == K, "small_gemm_int4: qweight must be contiguous uint8 [N, K / 2]");
+    for (const at::Tensor* t : {&scales[i], &zeros[i]})
+      TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == q.size(0) && t->size(1) == G,
+                  "small_gemm_int4: scales and zeros must be contiguous bf16 [N, K / group]");
+    ys.push_back(at::empty({B, q.size(0)}, x.options()));
+  }
+  if (B == 0) return ys;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   at::Tensor xb = x.to(at::kBFloat16).contiguous();
   const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
@@ -780,15 +797,25 @@ at::Tensor small_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) s += bf16_to_float(xp[b * K + k]);
       xsum[b * G + g] = s;
     }
-  const uint8_t* wp = qweight.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
-  const auto* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
-  if (x.scalar_type() == at::kFloat)
-    int4_dispatch<float>(group_size, wp, sp, zp, xp, xsum.data(), y.data_ptr<float>(), B, N, K);
-  else
-    int4_dispatch<c10::BFloat16>(group_size, wp, sp, zp, xp, xsum.data(), y.data_ptr<c10::BFloat16>(), B, N, K);
+  auto run = [&](auto type_tag) {
+    using OT = decltype(type_tag);
+    std::vector<Int4Weight<OT>> ws;
+    for (size_t i = 0; i < qweights.size(); ++i)
+      ws.push_back({qweights[i].data_ptr<uint8_t>(),
+                    reinterpret_cast<const uint16_t*>(scales[i].data_ptr<c10::BFloat16>()),
+                    reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<c10::BFloat16>()), qweights[i].size(0),
+                    ys[i].data_ptr<OT>()});
+    int4_dispatch<OT>(group_size, ws, xp, xsum.data(), B, K);
+  };
+  if (x.scalar_type() == at::kFloat) run(float{});
+  else run(c10::BFloat16{});
 #endif
-  return y;
+  return ys;
+}
+
+at::Tensor small_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group_size) {
+  return small_gemm_int4_multi(x, {qweight}, {scales}, {zeros}, group_size)[0];
 }
 
 // Dequantize to fp32 for the matrix-matrix case (prefill): the caller multiplies block by block with the GEMM
@@ -920,6 +947,8 @@ TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm_int8_multi(Tensor x, Tensor[] qweights, Tensor[] scales) -> Tensor[]", &small_gemm_int8_multi);
   m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
         &small_gemm_int4);
+  m.def("small_gemm_int4_multi(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] zeros, int group_size) "
+        "-> Tensor[]", &small_gemm_int4_multi);
   m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", &dequantize_int8);
   m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &dequantize_int4);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
