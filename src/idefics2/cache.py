@@ -56,26 +56,28 @@ class KVCache:
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key/value [B, Hkv, Q, D] for one layer; return all cached keys/values up to now."""
+        start = self._reserve(layer_idx, key.shape[2])
+        end = self.lengths[layer_idx]
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def _reserve(self, layer_idx: int, n: int) -> int:
+        """Room for `n` more tokens in one layer (grown if allowed); the layer's length moves on. Returns the
+        first new position."""
         start = self.lengths[layer_idx]
-        end = start + key.shape[2]
+        end = start + n
         if end > self.keys[layer_idx].shape[2]:
             if not self.growable:
                 raise ValueError(f"{end} tokens do not fit this cache slot ({self.keys[layer_idx].shape[2]})")
             self._grow(layer_idx, end)
-        self.keys[layer_idx][:, :, start:end] = key
-        self.values[layer_idx][:, :, start:end] = value
         self.lengths[layer_idx] = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        return start
 
     def decode_slot(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Room for one new token per row in one layer, for a kernel that writes it itself (the fused decode
         attention): returns (keys, values, the write position of each row [B], keys seen after the write)."""
-        start = self.lengths[layer_idx]
-        if start + 1 > self.keys[layer_idx].shape[2]:
-            if not self.growable:
-                raise ValueError(f"{start + 1} tokens do not fit this cache slot ({self.keys[layer_idx].shape[2]})")
-            self._grow(layer_idx, start + 1)
-        self.lengths[layer_idx] = start + 1
+        start = self._reserve(layer_idx, 1)
         keys = self.keys[layer_idx]
         if self._positions is None or self._positions[1] != start or self._positions[0].device != keys.device:
             # one small tensor per step, shared by the layers
@@ -139,26 +141,22 @@ class SlotKVCache:
         n = self.active
         if key.shape[0] != n or key.shape[2] != 1:
             raise ValueError(f"slot cache update expects [{n}, heads, 1, dim], got {tuple(key.shape)}")
+        keys, values, positions, end = self.decode_slot(layer_idx)
         rows = torch.arange(n, device=key.device)
-        positions = self.lengths[:n]
-        if int(positions.max()) >= self.capacity:
-            raise ValueError(f"slot cache is full ({self.capacity} tokens per request)")
-        self.keys[layer_idx][rows, :, positions] = key[:, :, 0]
-        self.values[layer_idx][rows, :, positions] = value[:, :, 0]
-        end = int(positions.max()) + 1
-        if layer_idx == len(self.keys) - 1:
-            self.lengths[:n] += 1
-        return self.keys[layer_idx][:n, :, :end], self.values[layer_idx][:n, :, :end]
+        keys[rows, :, positions] = key[:, :, 0]
+        values[rows, :, positions] = value[:, :, 0]
+        return keys[:, :, :end], values[:, :, :end]
 
     def decode_slot(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """As KVCache.decode_slot: each active row writes at its own length."""
+        """As KVCache.decode_slot: each active row writes at its own length (the lengths move on after the last
+        layer)."""
         n = self.active
         positions = self.lengths[:n]
         end = int(positions.max()) + 1
         if end > self.capacity:
             raise ValueError(f"slot cache is full ({self.capacity} tokens per request)")
         if layer_idx == len(self.keys) - 1:
-            positions = positions.clone()  # the kernel reads them after the lengths move on
+            positions = positions.clone()  # the write happens after the lengths move on
             self.lengths[:n] += 1
         return self.keys[layer_idx][:n], self.values[layer_idx][:n], positions, end
 
