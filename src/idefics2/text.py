@@ -166,7 +166,6 @@ class MistralDecoderLayer(nn.Module):
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), weights
 
-
     def fused_decode(self, x, rope, mask, cache) -> torch.Tensor | None:
         """This layer for one decoding step as one compiled op (`kernels.decode_layer`: the same kernels, without
         the Python between them), or None where it does not apply: the caller runs the modules."""

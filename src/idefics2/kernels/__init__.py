@@ -33,7 +33,8 @@ MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this 
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
-_SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -132,10 +133,11 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         bias.device.type != "cpu" or bias.shape != (weight.shape[0],) or bias.dtype not in (x.dtype, weight.dtype)
     ):
         return False
-    # the kernel has no backward
-    return not (torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ))
+    return not _needs_grad(x, weight, bias)  # the kernel has no backward
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 WIDE_BLOCK_BYTES = 32 << 20  # fp32 copy of a weight block in `_bf16_linear_in_fp32`
@@ -162,9 +164,7 @@ def _fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
         bias = bias.float() if bias is not None else None
     elif (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.device.type == "cpu"
           and x.dim() >= 1 and x.numel() > MAX_ROWS * x.shape[-1] and _bf16_gemm_is_slow()
-          and (bias is None or bias.dtype == torch.bfloat16)
-          and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                               or (bias is not None and bias.requires_grad)))):
+          and (bias is None or bias.dtype == torch.bfloat16) and not _needs_grad(x, weight, bias)):
         return _bf16_linear_in_fp32(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -232,7 +232,7 @@ def int4_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[tor
         return None
     if not int4_kernel_available():
         return None
-    return _ops().small_gemm_int4_multi(x, qweights, scales, zeros, group_size)
+    return _ops().small_gemm_int4(x, qweights, scales, zeros, group_size)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -241,11 +241,8 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
     Needs AVX512-BF16; x is rounded to bf16, accumulation is fp32.
     """
-    if not _quantized_kernel_applies(x) or x.shape[1] % 128 or group_size not in (32, 64, 128):
-        return None
-    if not int4_kernel_available():
-        return None
-    return _ops().small_gemm_int4(x, qweight, scales, zeros, group_size)
+    ys = int4_matmuls(x, [qweight], [scales], [zeros], group_size)
+    return None if ys is None else ys[0]
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

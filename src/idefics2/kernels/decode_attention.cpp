@@ -230,9 +230,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(p[b] >= 0 && p[b] < kv_len, "decode_attention: position ", p[b], " outside the ", kv_len, " keys");
   const bool* valid = nullptr;
   int64_t row_stride = 0, stride = 1;
-  at::Tensor mask;
   if (key_valid.has_value()) {
-    mask = *key_valid;
+    const at::Tensor& mask = *key_valid;
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) &&
                     mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == kv_len,
                 "decode_attention: key_valid bool [B or 1, 1, 1, kv_len]");

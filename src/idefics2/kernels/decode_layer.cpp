@@ -56,7 +56,7 @@ std::vector<at::Tensor> linears(const at::Tensor& x, int64_t kind, at::TensorLis
     ys = op.call(x, w.slice(0, n), w.slice(n, n));
   } else {  // int4: [qweights..., scales..., zeros...]: one call for all
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("idefics2_kernels::small_gemm_int4_multi", "")
+                         .findSchemaOrThrow("idefics2_kernels::small_gemm_int4", "")
                          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
                                                         at::TensorList, int64_t)>();
     const size_t n = w.size() / 3;

@@ -763,8 +763,8 @@ constexpr bool kHaveInt4 = false;
 #endif
 
 // x [B, K] against several int4 weights of the same K (one kernel call, the threads woken once).
-std::vector<at::Tensor> small_gemm_int4_multi(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
-                                              at::TensorList zeros, int64_t group_size) {
+std::vector<at::Tensor> small_gemm_int4(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                                        at::TensorList zeros, int64_t group_size) {
   TORCH_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-BF16 (this build: ", isa(), ")");
   TORCH_CHECK(x.device().is_cpu(), "small_gemm_int4: CPU tensors only");
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "small_gemm_int4: group 32, 64 or 128");
@@ -811,11 +811,6 @@ std::vector<at::Tensor> small_gemm_int4_multi(const at::Tensor& x, at::TensorLis
   else run(c10::BFloat16{});
 #endif
   return ys;
-}
-
-at::Tensor small_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, int64_t group_size) {
-  return small_gemm_int4_multi(x, {qweight}, {scales}, {zeros}, group_size)[0];
 }
 
 // Dequantize to fp32 for the matrix-matrix case (prefill): the caller multiplies block by block with the GEMM
@@ -945,10 +940,8 @@ TORCH_LIBRARY(idefics2_kernels, m) {
   m.def("small_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &small_gemm);
   m.def("small_gemm_multi(Tensor x, Tensor[] weights) -> Tensor[]", &small_gemm_multi);
   m.def("small_gemm_int8_multi(Tensor x, Tensor[] qweights, Tensor[] scales) -> Tensor[]", &small_gemm_int8_multi);
-  m.def("small_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor",
+  m.def("small_gemm_int4(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] zeros, int group_size) -> Tensor[]",
         &small_gemm_int4);
-  m.def("small_gemm_int4_multi(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] zeros, int group_size) "
-        "-> Tensor[]", &small_gemm_int4_multi);
   m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor", &dequantize_int8);
   m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &dequantize_int4);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
