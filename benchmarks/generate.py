@@ -4,7 +4,8 @@
 
 Workload: one 378x378 image + 40 text tokens per row, greedy, `--new-tokens` new tokens (eos disabled so
 every run decodes the same number of steps). Each generate() call is timed token by token through its
-`streamer`: prefill = start to the first new token, decode tokens/s = rows / median time between later tokens. The roofline is the weight bytes streamed per decode step (text decoder + lm_head) divided by this
+`streamer`: prefill = start to the first new token, decode tokens/s = rows / median time between later
+tokens. The roofline is the weight bytes streamed per decode step (text decoder + lm_head) divided by this
 machine's measured streaming bandwidth: at batch 1, decoding cannot go faster than that.
 Both models are loaded from the same random checkpoint in this process; outputs are checked equal.
 """
