@@ -397,3 +397,35 @@ def test_bf16_prefill_linear_through_fp32_gemm(bias, monkeypatch):
     calls.clear()
     small_batch_linear(x.requires_grad_(), w, b)
     assert not calls
+
+
+# ---- seeded dropout (LoRA training) ----------------------------------------------------------------------------
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_seeded_dropout_kernel_equals_the_torch_ops(dtype, monkeypatch):
+    x = torch.randn(37, 2 * 301).to(dtype)[:, ::2]  # non-contiguous: the mask follows the logical order
+    got = K.seeded_dropout(x, 0.1, (12345, 4_000_000_123))
+    monkeypatch.setattr(K, "_ops", lambda: None)
+    expected = K.seeded_dropout(x, 0.1, (12345, 4_000_000_123))
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, expected)
+    kept = got != 0
+    assert torch.equal(got[kept], (x.float() * (1 / 0.9)).to(dtype)[kept])
+
+
+def test_seeded_dropout_rate_seeds_and_edges():
+    x = torch.ones(1000, 1000)
+    a = K.seeded_dropout(x, 0.1, (1, 2))
+    dropped = float((a == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: sd 3e-4
+    assert torch.equal(a, K.seeded_dropout(x, 0.1, (1, 2)))  # a function of the seeds
+    b = K.seeded_dropout(x, 0.1, (1, 3))
+    assert not torch.equal(a == 0, b == 0)
+    assert abs(float(((a == 0) & (b == 0)).float().mean()) - 0.01) < 0.001  # independent masks
+    # neighbouring elements are not correlated (the hash mixes the index)
+    rows = (a == 0).float()
+    assert abs(float((rows[:, 1:] * rows[:, :-1]).mean()) - 0.01) < 0.001
+    assert torch.equal(K.seeded_dropout(x, 0.0, (1, 2)), x)
+    assert torch.equal(K.seeded_dropout(x, 1.0, (1, 2)), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="dropout probability"):
+        K.seeded_dropout(x, 1.5, (1, 2))

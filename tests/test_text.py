@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import left_pad, tiny_config_dict
 
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, kernels
@@ -79,3 +80,37 @@ def test_layers_with_hooks_or_other_modules_run_their_modules(monkeypatch):
     assert decode_layer_weights(model.model.text_model.layers[0], torch.float32) is None
     # weights in another dtype than the activations: the modules decide (they cast or refuse)
     assert decode_layer_weights(model.model.text_model.layers[1], torch.bfloat16) is None
+
+
+def test_gated_mlp_training_keeps_two_intermediate_activations_with_identical_results():
+    """In training, silu(gate) * up is not stored for down_proj: recomputed in backward from gate and up.
+    Output and every gradient are bit-identical to the plain expression, which stores four tensors."""
+    from idefics2.layers import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(32, 96, 32, "silu")
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    grad = torch.randn(2, 5, 32)
+
+    def run(forward):
+        saved = {}
+
+        weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+
+        def pack(t):
+            if t.shape[-1] == 96 and t.untyped_storage().data_ptr() not in weights:  # intermediate activations
+                saved[t.untyped_storage().data_ptr()] = t
+            return t
+
+        for p in (*mlp.parameters(), x):
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward(x)
+        out.backward(grad)
+        return out, [p.grad.clone() for p in (*mlp.parameters(), x)], len(saved)
+
+    out, grads, stored = run(mlp)
+    ref_out, ref_grads, ref_stored = run(lambda v: mlp.down_proj(F.silu(mlp.gate_proj(v)) * mlp.up_proj(v)))
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert (stored, ref_stored) == (2, 4)

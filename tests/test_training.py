@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
@@ -25,6 +26,7 @@ from idefics2.training import (
     expected_lora_parameters,
     filter_by_length,
     load_jsonl,
+    target_positions,
 )
 from idefics2.training.__main__ import main as training_main
 
@@ -223,6 +225,20 @@ def test_loss_matches_transformers_on_padded_batch(tmp_path):
         got_sum = ours(**inputs, num_items_in_batch=int((labels[:, 1:] != -100).sum())).loss
     assert abs(float(got) - float(expected)) <= 1e-5
     assert abs(float(got_sum) - float(expected)) <= 1e-5
+    # The trainer's call: logits only where a target is, full-length labels; the same loss and gradients.
+    positions = target_positions(labels)
+    assert 0 < len(positions) < width
+    kept = ours(**inputs, logits_to_keep=positions)
+    assert kept.logits.shape[1] == len(positions)
+    assert abs(float(kept.loss) - float(expected)) <= 1e-5
+    kept.loss.backward()
+    kept_grads = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad()
+    ours(**inputs).loss.backward()
+    for p, kept_grad in zip(ours.parameters(), kept_grads):
+        assert torch.allclose(p.grad, kept_grad, atol=1e-6)
+    with pytest.raises(ValueError, match="labels must be"):
+        ours(**{**inputs, "labels": labels[:, :-1]}, logits_to_keep=positions)
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------
@@ -275,6 +291,85 @@ def test_lora_parameter_count_merge_and_transformers_load(tiny_dir, tmp_path, ca
     assert training_main(["merge-lora", "--model", tiny_dir, "--adapter", str(tmp_path / "adapter"),
                           "--output", str(tmp_path / "merged")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_fused_lora_dropout_is_peft_lora_with_a_regenerated_mask(tiny_dir, tmp_path):
+    import peft
+
+    from idefics2.kernels import seeded_dropout
+    from idefics2.training.lora import DropoutLoraDown
+
+    models = []
+    for fused in (True, False):
+        model = Idefics2ForConditionalGeneration.from_pretrained(tiny_dir)
+        torch.manual_seed(0)
+        if fused:
+            models.append(apply_lora(model, r=8, alpha=16, dropout=0.1))
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            models.append(peft.get_peft_model(model, peft.LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.1, target_modules=DEFAULT_LORA_TARGET, init_lora_weights="gaussian")))
+    fused, plain = models
+    layers = [m for m in fused.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert layers and all(isinstance(m.lora_A["default"], DropoutLoraDown) for m in layers)
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in layers)
+    # Same parameters under the same names: adapters saved from either are the same peft adapter.
+    fused_state, plain_state = fused.state_dict(), plain.state_dict()
+    assert fused_state.keys() == plain_state.keys()
+    assert all(torch.equal(fused_state[k], plain_state[k]) for k in fused_state)
+    with torch.no_grad():
+        for model in models:  # B starts at zero: make the adapters do something, identically
+            g = torch.Generator().manual_seed(3)
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = torch.randint(3, 30000, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # eval: no dropout, exactly peft's computation
+        assert torch.equal(fused.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+
+    # Training: output and gradients are those of base(x) + B(A(x * mask / 0.9)) * scaling with the mask that
+    # the two seeds drawn from torch's generator give.
+    layer = layers[0]
+    layer.train()
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.manual_seed(7)
+    seeds = tuple(torch.randint(0, 1 << 32, (2,)).tolist())
+    mask = seeded_dropout(torch.ones_like(x), 0.1, seeds)
+    assert 0.05 < float((mask == 0).float().mean()) < 0.15
+    down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x2, down2, up2 = (t.detach().clone().requires_grad_() for t in (x, down, up))
+    expected = layer.base_layer(x2) + F.linear(F.linear(x2 * mask, down2), up2) * layer.scaling["default"]
+    expected.backward(grad)
+    assert (out - expected).abs().max() <= 1e-6
+    for got, want in ((x.grad, x2.grad), (down.grad, down2.grad), (up.grad, up2.grad)):
+        assert (got - want).abs().max() <= 1e-6
+    # DoRA applies dropout its own way: left to peft.
+    dora = apply_lora(Idefics2ForConditionalGeneration.from_pretrained(tiny_dir), dropout=0.1, use_dora=True)
+    assert all(type(m.lora_dropout["default"]) is torch.nn.Dropout and type(m.lora_A["default"]) is torch.nn.Linear
+               for m in dora.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+def test_fused_lora_dropout_replays_under_gradient_checkpointing(tiny_dir, data_file):
+    processor = Idefics2Processor.from_pretrained(tiny_dir)
+    batch = ChatCollator(processor)(load_jsonl(data_file)[:2])
+    results = []
+    for checkpointing in (False, True):
+        model = Idefics2ForConditionalGeneration.from_pretrained(tiny_dir)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        lora = apply_lora(model, dropout=0.1).train()
+        loss = lora(**batch).loss  # the recomputed forward draws the same seeds: the same masks
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], atol=1e-6), name
 
 
 def test_gradient_checkpointing_with_lora_matches(tiny_dir, data_file):

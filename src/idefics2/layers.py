@@ -76,7 +76,52 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = parallel_linears(x, self.gate_proj, self.up_proj)
+        if self.act is F.silu and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return _down_of_swiglu(self.down_proj, gate, up)
         return self.down_proj(self.act(gate) * up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving gate and up only (torch's ops also keep silu(gate)); the same forward bits and
+    the same gradient ops (aten.silu_backward), so training is bit-identical to the unfused expression."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _down_of_swiglu(down_proj: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """down_proj(silu(gate) * up) for training: whatever down_proj saves of its input (its weight gradient's
+    operand, a LoRA adapter's input) is stored as a note to recompute it from gate and up, which `_SwiGLU`
+    keeps anyway. Of the MLP's four intermediate-sized activations two are kept instead of four: the largest
+    share of a decoder layer's training memory."""
+    hidden = _SwiGLU.apply(gate, up)
+    storage = hidden.untyped_storage()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() == storage.data_ptr() and t.dtype == hidden.dtype:
+            return (_RECOMPUTE, t.shape, t.stride(), t.storage_offset())
+        return t
+
+    def unpack(packed):
+        if isinstance(packed, tuple) and packed[0] is _RECOMPUTE:
+            with torch.no_grad():
+                return (F.silu(gate) * up).as_strided(packed[1], packed[2], packed[3])
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return down_proj(hidden)
+
+
+_RECOMPUTE = object()  # marks a saved tensor that `_down_of_swiglu` recomputes
 
 
 # torch < 2.5 returns NaN for query rows whose keys are all masked (newer versions return zeros) and has no

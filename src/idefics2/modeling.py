@@ -358,10 +358,16 @@ class Idefics2Model(Idefics2PreTrainedModel):
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy in float32; -100 labels are ignored; mean over counted targets."""
+    """Next-token cross-entropy in float32; -100 labels are ignored; mean over counted targets.
+
+    With `positions` (the sequence positions `logits_to_keep` selected), logits[:, i] predicts
+    labels[:, positions[i] + 1] of the full-length labels."""
     shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    if positions is not None:
+        shift_labels = shift_labels[:, positions.to(logits.device)]
     logits = logits.float().reshape(-1, logits.shape[-1])
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = F.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=-100, reduction=reduction)
@@ -439,20 +445,27 @@ class Idefics2ForConditionalGeneration(Idefics2PreTrainedModel):
             cache=cache,
         )
         hidden = out.last_hidden_state
+        seq_len = hidden.shape[1]
+        positions = None  # the kept positions, where logits_to_keep selects some
         if isinstance(logits_to_keep, int):
-            if logits_to_keep > 0:
+            if 0 < logits_to_keep < seq_len:
                 hidden = hidden[:, -logits_to_keep:]
+                positions = torch.arange(seq_len - logits_to_keep, seq_len, device=hidden.device)
         else:
-            hidden = hidden[:, logits_to_keep]
+            positions = logits_to_keep.to(hidden.device)
+            hidden = hidden[:, positions]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(
-                    f"labels must be (batch, seq) = {tuple(logits.shape[:2])} (with logits_to_keep=0); "
-                    f"got {tuple(labels.shape)}"
-                )
-            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+            if labels.shape == logits.shape[:2]:  # labels of the kept positions (transformers' reading)
+                loss = causal_lm_loss(logits, labels, num_items_in_batch)
+            elif labels.shape == (logits.shape[0], seq_len):
+                # Full-length labels with logits_to_keep: the loss counts the kept positions. A trainer keeps only
+                # those with a target (`idefics2.training.target_positions`): the same loss, fewer logits.
+                loss = causal_lm_loss(logits, labels, num_items_in_batch, positions)
+            else:
+                raise ValueError(f"labels must be (batch, seq) = {(logits.shape[0], seq_len)}, or the kept "
+                                 f"{tuple(logits.shape[:2])} with logits_to_keep; got {tuple(labels.shape)}")
         result = Idefics2CausalLMOutput(
             loss=loss,
             logits=logits,

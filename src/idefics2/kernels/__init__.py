@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "int4_matmul", "int4_matmuls", "int8_matmul",
-           "int8_matmuls", "kernel_available", "kernel_status", "lut_to_chw", "small_batch_linear",
-           "small_batch_linears"]
+           "int8_matmuls", "kernel_available", "kernel_status", "lut_to_chw", "seeded_dropout",
+           "small_batch_linear", "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp")]
+            for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp", "dropout.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -312,6 +312,39 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: flo
     [qweights..., scales..., zeros...]. Only for inputs where `decode_attention_applies`."""
     return _ops().decode_layer(x, ln1, ln2, eps, kind, qkv, o, gate_up, down, group, cos, sin, key_cache,
                                value_cache, positions, key_valid, kv_len, scale)
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """dropout.cpp's 32-bit hash on int64 tensors holding values in [0, 2^32) (products stay below 2^59)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _U32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _U32
+    return (x >> 16) ^ x
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
+    """Dropout whose mask is a function of `seeds` (two ints in [0, 2^32)) and the element index only.
+
+    `x * mask / (1 - p)` with element i (row-major) kept where hash(seeds, i) >= p * 2^32, so the same call
+    gives the same mask again: a backward pass regenerates it instead of storing it, and since dropout is
+    linear, `seeded_dropout(grad, p, seeds)` is the gradient. The compiled kernel on the CPU, bit-identical
+    torch ops elsewhere. No autograd of its own (see idefics2.training.lora)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if x.numel() > 1 << 32:
+        raise ValueError(f"seeded_dropout handles at most 2^32 elements, got {x.numel()}")
+    threshold = min(round(p * 2.0**32), 1 << 32)
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+    seed_a, seed_b = (int(s) & _U32 for s in seeds)
+    op = _ops() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+    if op is not None:
+        return op.seeded_dropout(x, threshold, scale, seed_a, seed_b)
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+    keep = _mix32(_mix32((index + seed_a) & _U32) ^ seed_b) >= threshold
+    return torch.where(keep.view(x.shape), x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------

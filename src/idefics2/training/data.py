@@ -206,3 +206,13 @@ def filter_by_length(samples: list[Sample], collator: ChatCollator, max_length: 
     if not kept:
         raise DataError(f"every sample is longer than --max-length {max_length}")
     return kept
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is a target in some row (labels [batch, seq], -100 elsewhere).
+
+    Passed as `logits_to_keep` with the full labels, the model computes the same loss from these positions'
+    logits only: a chat batch's targets are its answers, so most positions (image tokens, prompts, padding)
+    need no vocabulary projection, no softmax and no gradient through lm_head."""
+    has_target = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    return has_target.nonzero().squeeze(1)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, ChatCollator, Sample, filter_by_length, load_jsonl
+from .data import IGNORE_INDEX, ChatCollator, Sample, filter_by_length, load_jsonl, target_positions
 from .lora import (
     DEFAULT_LORA_TARGET,
     TrainingSetupError,
@@ -379,7 +379,8 @@ class Trainer:
                 else _nullcontext()
             with context:
                 with self._autocast():
-                    out = self.wrapped(**batch, num_items_in_batch=n_items)
+                    out = self.wrapped(**batch, num_items_in_batch=n_items,
+                                       logits_to_keep=target_positions(batch["labels"]))
                 # DDP / FSDP average gradients over processes: scale so the step's gradient is the global mean.
                 (out.loss * self.dist.world).backward()
             total += out.loss.detach().double().cpu()
@@ -403,7 +404,7 @@ class Trainer:
             samples = mine[i * b:(i + 1) * b] or self.eval_samples[:1]
             batch = self._to_device(self.collator(samples))
             with self._autocast():
-                out = self.wrapped(**batch, num_items_in_batch=1)
+                out = self.wrapped(**batch, num_items_in_batch=1, logits_to_keep=target_positions(batch["labels"]))
             if mine[i * b:(i + 1) * b]:
                 total += torch.tensor([float(out.loss), self._targets(batch["labels"])], dtype=torch.float64)
         total = self.dist.all_sum(total)
