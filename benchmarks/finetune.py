@@ -128,6 +128,9 @@ def main() -> None:
           f"{ours['samples_per_s'] / ref['samples_per_s']:>9.2f}x")
     print(f"{'peak RSS (MiB)':24}{ours['peak_rss_mib']:>12.0f}{ref['peak_rss_mib']:>14.0f}"
           f"{ours['peak_rss_mib'] / ref['peak_rss_mib']:>9.2f}x")
+    for which in ("ours", "transformers"):
+        per_round = ", ".join(f"{2 / statistics.median(r['step_s']):.3f}" for r in rounds[which])
+        print(f"  {which} samples/s by round: {per_round}")
     print(f"first-step loss: {ours['first_loss']:.6f} (ours) vs {ref['first_loss']:.6f} (transformers)")
 
 

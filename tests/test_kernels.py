@@ -406,6 +406,7 @@ def test_seeded_dropout_kernel_equals_the_torch_ops(dtype, monkeypatch):
     x = torch.randn(37, 2 * 301).to(dtype)[:, ::2]  # non-contiguous: the mask follows the logical order
     got = K.seeded_dropout(x, 0.1, (12345, 4_000_000_123))
     monkeypatch.setattr(K, "_ops", lambda: None)
+    monkeypatch.setattr(K, "_DROPOUT_CHUNK", 1000)  # several chunks
     expected = K.seeded_dropout(x, 0.1, (12345, 4_000_000_123))
     assert got.dtype == dtype and got.shape == x.shape
     assert torch.equal(got, expected)

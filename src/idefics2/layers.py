@@ -76,7 +76,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = parallel_linears(x, self.gate_proj, self.up_proj)
-        if self.act is F.silu and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        if (self.act is F.silu and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+                and not _saved_tensors_managed()):
             return _down_of_swiglu(self.down_proj, gate, up)
         return self.down_proj(self.act(gate) * up)
 
@@ -98,23 +99,35 @@ class _SwiGLU(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+def _saved_tensors_managed() -> bool:
+    """Whether saved-tensor hooks are active (gradient checkpointing, offloading to the CPU): they decide what
+    is kept, and their saved tensors may be unpacked only once, so `_down_of_swiglu` leaves them alone."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):  # a torch without this query: assume they are
+        return True
+
+
 def _down_of_swiglu(down_proj: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """down_proj(silu(gate) * up) for training: whatever down_proj saves of its input (its weight gradient's
     operand, a LoRA adapter's input) is stored as a note to recompute it from gate and up, which `_SwiGLU`
     keeps anyway. Of the MLP's four intermediate-sized activations two are kept instead of four: the largest
     share of a decoder layer's training memory."""
     hidden = _SwiGLU.apply(gate, up)
-    storage = hidden.untyped_storage()
+    # The hooks live as long as the graph: they must not hold `hidden`, its storage, gate or up (which, under
+    # gradient checkpointing, are dropped and recomputed), only the address and the _SwiGLU node.
+    address, dtype, node = hidden.untyped_storage().data_ptr(), hidden.dtype, hidden.grad_fn
 
     def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() == storage.data_ptr() and t.dtype == hidden.dtype:
-            return (_RECOMPUTE, t.shape, t.stride(), t.storage_offset())
+        if t.untyped_storage().data_ptr() == address and t.dtype == dtype:
+            return (_RECOMPUTE, node, t.shape, t.stride(), t.storage_offset())
         return t
 
     def unpack(packed):
         if isinstance(packed, tuple) and packed[0] is _RECOMPUTE:
+            gate_, up_ = packed[1].saved_tensors  # down_proj's backward runs before the node's own
             with torch.no_grad():
-                return (F.silu(gate) * up).as_strided(packed[1], packed[2], packed[3])
+                return (F.silu(gate_) * up_).as_strided(packed[2], packed[3], packed[4])
         return packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

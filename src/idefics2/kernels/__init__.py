@@ -316,6 +316,7 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: flo
 
 # ---- training ------------------------------------------------------------------------------------------------
 _U32 = 0xFFFFFFFF
+_DROPOUT_CHUNK = 1 << 22  # elements per pass where seeded_dropout runs as torch ops
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -328,23 +329,41 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def seeded_dropout(x: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
     """Dropout whose mask is a function of `seeds` (two ints in [0, 2^32)) and the element index only.
 
-    `x * mask / (1 - p)` with element i (row-major) kept where hash(seeds, i) >= p * 2^32, so the same call
-    gives the same mask again: a backward pass regenerates it instead of storing it, and since dropout is
-    linear, `seeded_dropout(grad, p, seeds)` is the gradient. The compiled kernel on the CPU, bit-identical
-    torch ops elsewhere. No autograd of its own (see idefics2.training.lora)."""
+    `x * mask / (1 - p)`, so the same call gives the same mask again: a backward pass regenerates it instead
+    of storing it, and since dropout is linear, `seeded_dropout(grad, p, seeds)` is the gradient. On the CPU,
+    element i (row-major) is kept where hash(seeds, i) >= p * 2^32: the compiled kernel, or the same hash in
+    torch ops (bit-identical). On other devices the mask comes from the device's own generator (Philox on
+    CUDA) seeded with the two seeds: as reproducible, and as fast as torch's dropout there. No autograd of its
+    own (see idefics2.training.lora)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if x.numel() > 1 << 32:
-        raise ValueError(f"seeded_dropout handles at most 2^32 elements, got {x.numel()}")
-    threshold = min(round(p * 2.0**32), 1 << 32)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
     seed_a, seed_b = (int(s) & _U32 for s in seeds)
-    op = _ops() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
-    if op is not None:
-        return op.seeded_dropout(x, threshold, scale, seed_a, seed_b)
-    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
-    keep = _mix32(_mix32((index + seed_a) & _U32) ^ seed_b) >= threshold
-    return torch.where(keep.view(x.shape), x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
+    if x.device.type == "cpu":
+        if x.numel() > 1 << 32:
+            raise ValueError(f"seeded_dropout handles at most 2^32 elements, got {x.numel()}")
+        threshold = min(round(p * 2.0**32), 1 << 32)
+        op = _ops() if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+        if op is not None:
+            return op.seeded_dropout(x, threshold, scale, seed_a, seed_b)
+
+        def keep(start: int, count: int) -> torch.Tensor:
+            index = torch.arange(start, start + count, dtype=torch.int64)
+            return _mix32(_mix32((index + seed_a) & _U32) ^ seed_b) >= threshold
+    else:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed_a << 32 | seed_b)
+
+        def keep(start: int, count: int) -> torch.Tensor:  # chunks are drawn in order: the same every call
+            return torch.rand(count, device=x.device, generator=generator) >= p
+
+    # In chunks, so the temporaries (int64 indices, fp32 draws) stay small next to a large activation.
+    flat, out = x.reshape(-1), torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    for start in range(0, flat.numel(), _DROPOUT_CHUNK):
+        part = flat[start:start + _DROPOUT_CHUNK]
+        out[start:start + part.numel()] = torch.where(keep(start, part.numel()), part * scale, zero)
+    return out.view(x.shape)
 
 
 # ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------
