@@ -80,8 +80,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 8, dropout: float = 0.
 
 class _DropoutLinearFunction(torch.autograd.Function):
     """F.linear(dropout(x), weight) that saves x and two seeds instead of a noise tensor and the dropped x:
-    the mask is regenerated in backward (`seeded_dropout`). x is usually saved anyway, or shared by the
-    q/k/v (gate/up) adapters reading the same input, so each adapter adds no activation memory of its own."""
+    the mask is regenerated in backward (`seeded_dropout`). The q/k/v (gate/up) adapters read the same x, so
+    it is kept once per input instead of twice per adapter."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
