@@ -430,3 +430,21 @@ def test_seeded_dropout_rate_seeds_and_edges():
     assert torch.equal(K.seeded_dropout(x, 1.0, (1, 2)), torch.zeros_like(x))
     with pytest.raises(ValueError, match="dropout probability"):
         K.seeded_dropout(x, 1.5, (1, 2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k, r", [(202, 1024, 8), (37, 100, 5), (50, 70, 19), (3, 4096, 64)])
+def test_dropout_linear_kernels_equal_dropout_then_matmul(n, k, r):
+    """LoRA's down-projection with the dropout fused in, and its two gradients, equal the unfused ops (the same
+    mask as seeded_dropout; fp32 sums in another order)."""
+    g = torch.Generator().manual_seed(n + k + r)
+    x, w, grad = torch.randn(n, k, generator=g), torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g)
+    seeds = (123, 456)
+    assert K.dropout_linear_applies(x, w) and not K.dropout_linear_applies(x.bfloat16(), w.bfloat16())
+    dropped = K.seeded_dropout(x, 0.1, seeds)
+    torch.testing.assert_close(K.dropout_linear(x, w, 0.1, seeds), dropped @ w.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.dropout_linear_grad_input(grad, w, 0.1, seeds), K.seeded_dropout(grad @ w, 0.1, seeds),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.dropout_linear_grad_weight(grad, x, 0.1, seeds), grad.t() @ dropped,
+                               rtol=1e-5, atol=1e-4)
+    assert torch.equal(K.dropout_linear(x, w, 1.0, seeds), torch.zeros(n, r))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 __all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "int4_matmul", "int4_matmuls", "int8_matmul",
            "int8_matmuls", "kernel_available", "kernel_status", "lut_to_chw", "seeded_dropout",
-           "small_batch_linear", "small_batch_linears"]
+           "small_batch_linear", "small_batch_linears", "dropout_linear", "dropout_linear_applies",
+           "dropout_linear_grad_input", "dropout_linear_grad_weight"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
@@ -326,6 +327,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def _dropout_params(p: float, seeds: tuple[int, int]) -> tuple[int, float, int, int]:
+    """(threshold = p * 2^32, scale = 1 / (1 - p), seed_a, seed_b) as the kernels take them."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+    return min(round(p * 2.0**32), 1 << 32), scale, int(seeds[0]) & _U32, int(seeds[1]) & _U32
+
+
 def seeded_dropout(x: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
     """Dropout whose mask is a function of `seeds` (two ints in [0, 2^32)) and the element index only.
 
@@ -335,14 +344,10 @@ def seeded_dropout(x: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.T
     torch ops (bit-identical). On other devices the mask comes from the device's own generator (Philox on
     CUDA) seeded with the two seeds: as reproducible, and as fast as torch's dropout there. No autograd of its
     own (see idefics2.training.lora)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
-    seed_a, seed_b = (int(s) & _U32 for s in seeds)
+    threshold, scale, seed_a, seed_b = _dropout_params(p, seeds)
     if x.device.type == "cpu":
         if x.numel() > 1 << 32:
             raise ValueError(f"seeded_dropout handles at most 2^32 elements, got {x.numel()}")
-        threshold = min(round(p * 2.0**32), 1 << 32)
         op = _ops() if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
         if op is not None:
             return op.seeded_dropout(x, threshold, scale, seed_a, seed_b)
@@ -364,6 +369,35 @@ def seeded_dropout(x: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.T
         part = flat[start:start + _DROPOUT_CHUNK]
         out[start:start + part.numel()] = torch.where(keep(start, part.numel()), part * scale, zero)
     return out.view(x.shape)
+
+
+def dropout_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused `dropout_linear*` kernels serve these operands: CPU float32 (no autocast), kernel built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.dim() == 2 and x.numel() <= 1 << 32
+            and not torch.is_autocast_enabled("cpu") and _ops() is not None)
+
+
+def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
+    """F.linear(seeded_dropout(x, p, seeds), weight) without materialising the dropped x (where
+    `dropout_linear_applies`); x [..., K], weight [R, K] -> [..., R]."""
+    out = _ops().dropout_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
+                                *_dropout_params(p, seeds))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dropout_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, p: float,
+                              seeds: tuple[int, int]) -> torch.Tensor:
+    """seeded_dropout(grad @ weight, p, seeds) in one pass; grad [..., R] -> [..., K]."""
+    out = _ops().dropout_linear_grad_input(grad.reshape(-1, grad.shape[-1]).contiguous(), weight.contiguous(),
+                                           *_dropout_params(p, seeds))
+    return out.reshape(*grad.shape[:-1], weight.shape[1])
+
+
+def dropout_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
+    """grad^T @ seeded_dropout(x, p, seeds) without materialising the dropped x; -> [R, K]."""
+    return _ops().dropout_linear_grad_weight(grad.reshape(-1, grad.shape[-1]).contiguous(),
+                                             x.reshape(-1, x.shape[-1]).contiguous(), *_dropout_params(p, seeds))
 
 
 # ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------

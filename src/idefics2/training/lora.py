@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..bnb import BitsAndBytesConfig, quantize_with_bnb
-from ..kernels import seeded_dropout
 
 # The published Idefics2 fine-tuning recipe: the text decoder's projections, the modality projection MLP and the
 # perceiver resampler; the vision tower stays frozen.
@@ -85,7 +85,11 @@ class _DropoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
-        out = F.linear(seeded_dropout(x, p, seeds), weight)  # under autocast: the autocast dtype
+        ctx.fused = kernels.dropout_linear_applies(x, weight)  # fp32 on the CPU: no dropped copy at all
+        if ctx.fused:
+            out = kernels.dropout_linear(x, weight, p, seeds)
+        else:
+            out = F.linear(kernels.seeded_dropout(x, p, seeds), weight)  # under autocast: the autocast dtype
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seeds = p, seeds
         return out
@@ -94,13 +98,19 @@ class _DropoutLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = None
+        if ctx.fused and grad_out.dtype == torch.float32:
+            if ctx.needs_input_grad[1]:
+                grad_weight = kernels.dropout_linear_grad_weight(grad_out, x, ctx.p, ctx.seeds)
+            if ctx.needs_input_grad[0]:
+                grad_x = kernels.dropout_linear_grad_input(grad_out, weight, ctx.p, ctx.seeds)
+            return grad_x, grad_weight, None, None
         compute = grad_out.dtype  # the forward's compute dtype (bf16 under autocast), as autocast's linear does
         if ctx.needs_input_grad[1]:
-            dropped = seeded_dropout(x, ctx.p, ctx.seeds).to(compute)
+            dropped = kernels.seeded_dropout(x, ctx.p, ctx.seeds).to(compute)
             grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).t()
                            @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         if ctx.needs_input_grad[0]:  # dropout is linear: its gradient is the same masked scaling
-            grad_x = seeded_dropout((grad_out @ weight.to(compute)).to(x.dtype), ctx.p, ctx.seeds)
+            grad_x = kernels.seeded_dropout((grad_out @ weight.to(compute)).to(x.dtype), ctx.p, ctx.seeds)
         return grad_x, grad_weight, None, None
 
 
