@@ -67,6 +67,10 @@ struct Mask {
   uint32_t a, b;
   uint64_t threshold;
   float scale;
+  static Mask of(int64_t threshold, double scale, int64_t seed_a, int64_t seed_b) {
+    return {static_cast<uint32_t>(seed_a), static_cast<uint32_t>(seed_b), static_cast<uint64_t>(threshold),
+            static_cast<float>(scale)};
+  }
   // buf[k] = dropped x[row, k] for the row starting at flat index `base`
   void apply(const float* x, float* buf, int64_t base, int64_t K) const {
     if (threshold > 0xffffffffu) {  // p = 1: everything dropped
@@ -118,17 +122,24 @@ void check_lora_operands(const at::Tensor& x, const at::Tensor& w, const char* n
   TORCH_CHECK(x.numel() <= (int64_t{1} << 32), name, ": at most 2^32 elements");
 }
 
+void check_grad(const at::Tensor& grad, int64_t rows, int64_t rank, const char* name) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == rows &&
+                  grad.size(1) == rank, name, ": contiguous float32 grad [N, R]");
+}
+
+// Rows per task: ~32K elements of x.
+inline int64_t row_grain(int64_t K) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K)); }
+
 // out[n, j] = sum_k dropped(x)[n, k] * w[j, k]
 at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& w, int64_t threshold, double scale, int64_t seed_a,
                           int64_t seed_b) {
   check_lora_operands(x, w, "dropout_linear");
   const int64_t N = x.size(0), K = x.size(1), R = w.size(0);
-  const Mask mask{static_cast<uint32_t>(seed_a), static_cast<uint32_t>(seed_b), static_cast<uint64_t>(threshold),
-                  static_cast<float>(scale)};
+  const Mask mask = Mask::of(threshold, scale, seed_a, seed_b);
   at::Tensor out = at::empty({N, R}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> buf(static_cast<size_t>(K));
     for (int64_t n = n0; n < n1; ++n) {
       mask.apply(xp + n * K, buf.data(), n * K, K);
@@ -141,16 +152,14 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& w, int64_t thre
 // grad_x[n, k] = mask[n, k] * scale * sum_j grad[n, j] * w[j, k]   (dropout is linear: the same masked scaling)
 at::Tensor dropout_linear_grad_input(const at::Tensor& grad, const at::Tensor& w, int64_t threshold, double scale,
                                      int64_t seed_a, int64_t seed_b) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(1) == w.size(0),
-              "dropout_linear_grad_input: contiguous float32 grad [N, R]");
+  check_grad(grad, grad.size(0), w.size(0), "dropout_linear_grad_input");
   const int64_t N = grad.size(0), K = w.size(1), R = w.size(0);
   at::Tensor out = at::empty({N, K}, grad.options());
   check_lora_operands(out, w, "dropout_linear_grad_input");
-  const Mask mask{static_cast<uint32_t>(seed_a), static_cast<uint32_t>(seed_b), static_cast<uint64_t>(threshold),
-                  static_cast<float>(scale)};
+  const Mask mask = Mask::of(threshold, scale, seed_a, seed_b);
   const float *gp = grad.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> buf(static_cast<size_t>(K));
     float* __restrict b = buf.data();
     for (int64_t n = n0; n < n1; ++n) {
@@ -177,13 +186,11 @@ at::Tensor dropout_linear_grad_input(const at::Tensor& grad, const at::Tensor& w
 // grad_w[j, k] = sum_n grad[n, j] * dropped(x)[n, k]; threads split K, so each column sums its rows in order.
 at::Tensor dropout_linear_grad_weight(const at::Tensor& grad, const at::Tensor& x, int64_t threshold, double scale,
                                       int64_t seed_a, int64_t seed_b) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == x.size(0),
-              "dropout_linear_grad_weight: contiguous float32 grad [N, R]");
+  check_grad(grad, x.size(0), grad.size(1), "dropout_linear_grad_weight");
   const int64_t N = x.size(0), K = x.size(1), R = grad.size(1);
   at::Tensor out = at::zeros({R, K}, x.options());
   check_lora_operands(x, out, "dropout_linear_grad_weight");
-  const Mask mask{static_cast<uint32_t>(seed_a), static_cast<uint32_t>(seed_b), static_cast<uint64_t>(threshold),
-                  static_cast<float>(scale)};
+  const Mask mask = Mask::of(threshold, scale, seed_a, seed_b);
   const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kCols = 256;
