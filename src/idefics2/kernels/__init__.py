@@ -375,7 +375,14 @@ def dropout_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused `dropout_linear*` kernels serve these operands: CPU float32 (no autocast), kernel built."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dim() == 2 and x.numel() <= 1 << 32
-            and not torch.is_autocast_enabled("cpu") and _ops() is not None)
+            and not _cpu_autocast() and _ops() is not None)
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
 
 
 def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seeds: tuple[int, int]) -> torch.Tensor:
