@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -22,16 +23,31 @@ inline uint32_t mix32(uint32_t x) {
   return (x >> 16) ^ x;
 }
 
-template <typename T>
-void dropout_loop(const T* x, T* out, int64_t n, uint32_t seed_a, uint32_t seed_b, uint64_t threshold, float scale) {
-  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint32_t u = mix32(mix32(static_cast<uint32_t>(i) + seed_a) ^ seed_b);
-      const float kept = static_cast<float>(x[i]) * scale;
-      out[i] = static_cast<uint64_t>(u) >= threshold ? static_cast<T>(kept) : static_cast<T>(0.0f);
+// The dropout mask of element i (row-major over the whole tensor): kept where hash(seeds, i) >= threshold.
+struct Mask {
+  uint32_t a, b;
+  uint64_t threshold;
+  float scale;
+  static Mask of(int64_t threshold, double scale, int64_t seed_a, int64_t seed_b) {
+    return {static_cast<uint32_t>(seed_a), static_cast<uint32_t>(seed_b), static_cast<uint64_t>(threshold),
+            static_cast<float>(scale)};
+  }
+  // out[k] = dropped x[k] for the K elements starting at flat index `base`
+  template <typename T>
+  void apply(const T* x, T* out, int64_t base, int64_t K) const {
+    if (threshold > 0xffffffffu) {  // p = 1: everything dropped
+      std::fill(out, out + K, static_cast<T>(0.0f));
+      return;
     }
-  });
-}
+    // locals: out may be a float*, so writes through it could alias the members and would block vectorisation
+    const uint32_t t = static_cast<uint32_t>(threshold), sa = static_cast<uint32_t>(base) + a, sb = b;
+    const float s = scale;
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t u = mix32(mix32(sa + static_cast<uint32_t>(k)) ^ sb);
+      out[k] = u >= t ? static_cast<T>(static_cast<float>(x[k]) * s) : static_cast<T>(0.0f);
+    }
+  }
+};
 
 // out[i] = x[i] * scale where hash(seed, i) >= threshold (i over x's elements in row-major order), else 0.
 // threshold = round(p * 2^32): each element is dropped with probability p (to 2^-32).
@@ -43,18 +59,19 @@ at::Tensor seeded_dropout(const at::Tensor& x, int64_t threshold, double scale, 
   TORCH_CHECK(threshold >= 0 && threshold <= (int64_t{1} << 32), "seeded_dropout: threshold in [0, 2^32]");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
-  const auto a = static_cast<uint32_t>(seed_a), b = static_cast<uint32_t>(seed_b);
-  const auto t = static_cast<uint64_t>(threshold);
-  const auto s = static_cast<float>(scale);
+  const Mask mask = Mask::of(threshold, scale, seed_a, seed_b);
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = xc.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, xc.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      mask.apply(xp + begin, op + begin, begin, end - begin);
+    });
+  };
   switch (x.scalar_type()) {
-    case at::kFloat:
-      dropout_loop(xc.data_ptr<float>(), out.data_ptr<float>(), xc.numel(), a, b, t, s);
-      break;
-    case at::kBFloat16:
-      dropout_loop(xc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), xc.numel(), a, b, t, s);
-      break;
-    default:
-      dropout_loop(xc.data_ptr<at::Half>(), out.data_ptr<at::Half>(), xc.numel(), a, b, t, s);
+    case at::kFloat: run(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: run(static_cast<at::BFloat16*>(nullptr)); break;
+    default: run(static_cast<at::Half*>(nullptr));
   }
   return out;
 }
@@ -63,32 +80,9 @@ at::Tensor seeded_dropout(const at::Tensor& x, int64_t threshold, double scale, 
 // fp32, without materialising the dropped x (a transient the size of the input per adapter call, which also
 // fragments the heap between the activations autograd keeps). Rows of x are masked into a per-thread buffer
 // of K floats; w is [R, K] with small R (the LoRA rank).
-struct Mask {
-  uint32_t a, b;
-  uint64_t threshold;
-  float scale;
-  static Mask of(int64_t threshold, double scale, int64_t seed_a, int64_t seed_b) {
-    return {static_cast<uint32_t>(seed_a), static_cast<uint32_t>(seed_b), static_cast<uint64_t>(threshold),
-            static_cast<float>(scale)};
-  }
-  // buf[k] = dropped x[row, k] for the row starting at flat index `base`
-  void apply(const float* x, float* buf, int64_t base, int64_t K) const {
-    if (threshold > 0xffffffffu) {  // p = 1: everything dropped
-      std::fill(buf, buf + K, 0.0f);
-      return;
-    }
-    // locals: buf is a float*, so writes through it could alias the members and would block vectorisation
-    const uint32_t t = static_cast<uint32_t>(threshold), sa = static_cast<uint32_t>(base) + a, sb = b;
-    const float s = scale;
-    for (int64_t k = 0; k < K; ++k) {
-      const uint32_t u = mix32(mix32(sa + static_cast<uint32_t>(k)) ^ sb);
-      buf[k] = u >= t ? x[k] * s : 0.0f;
-    }
-  }
-};
 
-// out[j * ldo] = dot(v, w[j]) for j < R: 8 rows of w at a time against one load of v (AVX-512).
-inline void dots(const float* v, const float* w, int64_t K, int64_t R, float* out, int64_t ldo) {
+// out[j] = dot(v, w[j]) for j < R: 8 rows of w at a time against one load of v (AVX-512).
+inline void dots(const float* v, const float* w, int64_t K, int64_t R, float* out) {
   int64_t j = 0;
 #if defined(__AVX512F__)
   for (; j + 8 <= R; j += 8) {
@@ -103,14 +97,14 @@ inline void dots(const float* v, const float* w, int64_t K, int64_t R, float* ou
     for (int i = 0; i < 8; ++i) {
       float s = _mm512_reduce_add_ps(acc[i]);
       for (int64_t kk = k; kk < K; ++kk) s += v[kk] * w[(j + i) * K + kk];
-      out[(j + i) * ldo] = s;
+      out[j + i] = s;
     }
   }
 #endif
   for (; j < R; ++j) {
     float s = 0.0f;
     for (int64_t k = 0; k < K; ++k) s += v[k] * w[j * K + k];
-    out[j * ldo] = s;
+    out[j] = s;
   }
 }
 
@@ -143,7 +137,7 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& w, int64_t thre
     std::vector<float> buf(static_cast<size_t>(K));
     for (int64_t n = n0; n < n1; ++n) {
       mask.apply(xp + n * K, buf.data(), n * K, K);
-      dots(buf.data(), wp, K, R, op + n * R, 1);
+      dots(buf.data(), wp, K, R, op + n * R);
     }
   });
   return out;
