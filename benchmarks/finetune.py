@@ -1,6 +1,7 @@
 """LoRA training throughput and peak RSS: idefics2 vs transformers + peft, measured in one run.
 
     python benchmarks/finetune.py [--preset medium] [--steps 3] [--rounds 4] [--threads N] [--gradient-checkpointing]
+                                  [--no-memory-pool]
 
 Same random checkpoint (~420M parameters, the 8b's shape ratios), same batch (2 samples, one 378x378 image each,
 no image splitting, a short user/assistant exchange, labels on the answer only), same LoRA recipe (r=8, alpha=8,
@@ -8,8 +9,9 @@ dropout 0.1 on the text decoder, modality projection and perceiver projections),
 in a fresh subprocess so its peak RSS is its own (above the interpreter baseline with torch, peft and the library
 imported); the sides take turns, `--rounds` processes each. samples/s is the median over all rounds' timed steps
 (each after one warm-up step), the peak RSS the highest of the rounds. Ours is idefics2's training setup:
-`apply_lora` (peft's LoRA with each adapter's dropout fused into its lora_A) and the trainer's
-`logits_to_keep=target_positions(labels)`.
+`apply_lora` (peft's LoRA with each adapter's dropout fused into its lora_A), the trainer's
+`logits_to_keep=target_positions(labels)`, and the trainer's CPU memory pool (`kernels.cpu_memory_pool`, which
+`idefics2 finetune --no-memory-pool` turns off).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import tempfile
 CHILD = r"""
 import json, statistics, sys, time
 import torch
-which, path, steps, threads, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+which, path, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+checkpointing, pool = sys.argv[5] == "1", sys.argv[6] == "1"
 torch.set_num_threads(threads)
 import peft
 from idefics2 import Idefics2Processor
@@ -64,6 +67,10 @@ model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 times, losses = [], []
+if which == "ours" and pool:  # the trainer's CPU memory pool
+    from idefics2 import kernels
+    pool = kernels.cpu_memory_pool()  # held: the pool is removed when the context manager is collected
+    pool.__enter__()
 for step in range(steps + 1):
     t = time.perf_counter()
     # ours: the trainer's call (logits only where a target is; the same loss)
@@ -81,9 +88,10 @@ print(json.dumps({"step_s": times, "peak_rss_mib": (status_kib("VmHWM") - baseli
 """
 
 
-def run(which: str, path: str, steps: int, threads: int, checkpointing: bool) -> dict:
+def run(which: str, path: str, steps: int, threads: int, checkpointing: bool, pool: bool) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, which, path, str(steps), str(threads),
-                           "1" if checkpointing else "0"], capture_output=True, text=True, check=False)
+                           "1" if checkpointing else "0", "1" if pool else "0"], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -103,6 +111,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="subprocesses per side, taking turns (default 4)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="enable it on both sides")
+    parser.add_argument("--no-memory-pool", action="store_true",
+                        help="ours without the trainer's CPU memory pool (glibc's allocator, as transformers uses)")
     parser.add_argument("--checkpoint", help="use this checkpoint directory instead of a fresh random one")
     args = parser.parse_args()
 
@@ -120,11 +130,13 @@ def main() -> None:
         rounds: dict[str, list[dict]] = {"transformers": [], "ours": []}
         for _ in range(args.rounds):
             for which in rounds:
-                rounds[which].append(run(which, path, args.steps, args.threads, args.gradient_checkpointing))
+                rounds[which].append(run(which, path, args.steps, args.threads, args.gradient_checkpointing,
+                                         not args.no_memory_pool))
     ours, ref = (merge_rounds(rounds[which]) for which in ("ours", "transformers"))
     print(f"checkpoint: {args.checkpoint or args.preset}, LoRA r=8 ({ours['trainable']:,} trainable parameters), "
           f"batch 2 x one 378x378 image ({ours['tokens'] // 2} tokens/sample), {args.threads} threads, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, median of {args.rounds} x {args.steps} "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"memory pool {'off' if args.no_memory_pool else 'on'} (ours), median of {args.rounds} x {args.steps} "
           "steps")
     print(f"{'':24}{'idefics2':>12}{'transformers':>14}{'ratio':>10}")
     print(f"{'samples/s':24}{ours['samples_per_s']:>12.3f}{ref['samples_per_s']:>14.3f}"

@@ -448,3 +448,93 @@ def test_dropout_linear_kernels_equal_dropout_then_matmul(n, k, r):
     torch.testing.assert_close(K.dropout_linear_grad_weight(grad, x, 0.1, seeds), grad.t() @ dropped,
                                rtol=1e-5, atol=1e-4)
     assert torch.equal(K.dropout_linear(x, w, 1.0, seeds), torch.zeros(n, r))
+
+
+# ---- CPU memory pool ------------------------------------------------------------------------------------------
+def _pool_stats() -> dict:
+    return K.cpu_memory_pool_stats()
+
+
+@needs_kernel
+def test_memory_pool_reuses_freed_blocks_of_the_same_size():
+    with K.cpu_memory_pool(threshold=64 << 10) as enabled:
+        assert enabled and _pool_stats()["enabled"]
+        K.cpu_memory_pool_stats(reset_peak=True)
+        first = torch.empty(300_000)
+        address = first.data_ptr()
+        assert address % 64 == 0
+        del first
+        again = torch.empty(290_000)  # 4 KiB pages fewer: within 1/4 of the cached block, served from it
+        assert again.data_ptr() == address
+        larger = torch.empty(1_000_000)  # no cached block fits: a new one
+        assert larger.data_ptr() != address
+        small = torch.empty(1000)  # below the threshold: the previous allocator's
+        stats = _pool_stats()
+        assert stats["hits"] == 1 and stats["misses"] == 2
+        assert stats["live_bytes"] == (300_000 * 4 + 4095) // 4096 * 4096 + 1_000_000 * 4 // 4096 * 4096 + 4096
+        del again, larger, small
+        assert _pool_stats()["live_bytes"] == 0
+
+
+@needs_kernel
+def test_memory_pool_off_restores_the_allocator_and_unmaps():
+    with K.cpu_memory_pool(threshold=64 << 10):
+        kept = torch.ones(500_000)
+        freed = torch.ones(500_000)
+        del freed
+        assert _pool_stats()["cached_bytes"] > 0
+    stats = _pool_stats()
+    assert not stats["enabled"] and stats["cached_bytes"] == 0
+    mapped = stats["mapped_bytes"]
+    outside = torch.empty(500_000)  # the previous allocator again
+    assert _pool_stats()["mapped_bytes"] == mapped
+    assert float(kept.sum()) == 500_000.0  # blocks handed out stay valid after the pool is off
+    del kept  # ...and are unmapped when freed, not cached
+    assert _pool_stats()["mapped_bytes"] == mapped - 2_000_000 // 4096 * 4096 - 4096
+    assert _pool_stats()["cached_bytes"] == 0
+    del outside
+
+
+@needs_kernel
+def test_memory_pool_nested_keeps_the_outer_pool():
+    with K.cpu_memory_pool():
+        with K.cpu_memory_pool() as inner:
+            assert inner
+        assert _pool_stats()["enabled"]
+    assert not _pool_stats()["enabled"]
+
+
+@needs_kernel
+def test_memory_pool_caps_what_it_keeps():
+    with K.cpu_memory_pool(threshold=64 << 10):
+        K.cpu_memory_pool_stats(reset_peak=True)
+        for i in range(60):  # 60 distinct sizes of ~2 MiB, each freed before the next: nothing to reuse
+            torch.empty((1 << 19) + 1024 * i)
+        stats = _pool_stats()
+        assert stats["misses"] == 60
+        assert stats["cached_bytes"] <= max(64 << 20, 2 * stats["peak_live_bytes"])
+        assert stats["mapped_bytes"] == stats["cached_bytes"] + stats["live_bytes"]
+
+
+@needs_kernel
+def test_memory_pool_training_step_is_identical_and_profilable():
+    """Convolution (oneDNN's raw allocations), GEMMs, autograd: the same bits with and without the pool; the
+    profiler still sees the pool's allocations."""
+
+    def step() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 7, stride=7), torch.nn.Flatten(1),
+                                    torch.nn.Linear(16 * 16 * 16, 512), torch.nn.GELU(), torch.nn.Linear(512, 10))
+        x = torch.randn(8, 3, 112, 112)
+        for _ in range(2):
+            model(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = step()
+    with K.cpu_memory_pool(threshold=64 << 10):
+        K.cpu_memory_pool_stats(reset_peak=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            got = step()
+        assert _pool_stats()["hits"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert sum(e.cpu_memory_usage for e in prof.key_averages() if e.cpu_memory_usage > 0) > 0

@@ -1,6 +1,7 @@
 """Fine-tuning (issue #7): label masking, loss parity with transformers, LoRA / full overfit, gradient
 checkpointing with adapters, adapter merge, exact resume after SIGKILL, torchrun DDP equivalence, CLI errors."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor, kernels
 from idefics2.training import (
     DEFAULT_LORA_TARGET,
     ChatCollator,
@@ -405,6 +406,32 @@ def test_lora_finetune_halves_the_loss(tiny_dir, data_file, tmp_path):
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 8
+
+
+@pytest.mark.skipif(not kernels.kernel_available(), reason="the memory pool is part of the compiled kernels")
+def test_trainer_memory_pool_serves_the_steps_and_changes_no_bits(tiny_dir, data_file, tmp_path, monkeypatch):
+    """On the CPU the training loop runs inside `kernels.cpu_memory_pool` (here with a 4 KiB threshold so the
+    tiny model's tensors use it): the same losses, bit for bit, as with --no-memory-pool."""
+    seen = []
+    pool = kernels.cpu_memory_pool
+
+    @contextlib.contextmanager
+    def small_block_pool():
+        with pool(threshold=4096) as enabled:
+            kernels.cpu_memory_pool_stats(reset_peak=True)
+            yield enabled
+            seen.append(kernels.cpu_memory_pool_stats())
+
+    monkeypatch.setattr(kernels, "cpu_memory_pool", small_block_pool)
+    history = {}
+    for use_pool in (True, False):
+        out = tmp_path / f"pool{use_pool}"
+        Trainer(run_config(tiny_dir, data_file, out, method="lora", batch_size=2, max_steps=4,
+                           memory_pool=use_pool)).train()
+        history[use_pool] = losses(out / "metrics.jsonl")
+    assert history[True] == history[False] and len(history[True]) == 4
+    assert len(seen) == 1 and seen[0]["enabled"] and seen[0]["hits"] > seen[0]["misses"] > 0
+    assert not kernels.cpu_memory_pool_stats()["enabled"]
 
 
 def test_qlora_without_bitsandbytes_says_so(tiny_dir, data_file, tmp_path, capsys, monkeypatch):

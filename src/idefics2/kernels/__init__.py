@@ -11,6 +11,7 @@ dtypes or shapes, autograd) it is exactly F.linear; `kernel_available()` / `kern
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "dropout_linear", "dropout_linear_applies",
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "cpu_memory_pool", "cpu_memory_pool_stats", "dropout_linear", "dropout_linear_applies",
            "dropout_linear_grad_input", "dropout_linear_grad_weight", "int4_matmul", "int4_matmuls", "int8_matmul",
            "int8_matmuls", "kernel_available", "kernel_status", "lut_to_chw", "seeded_dropout", "small_batch_linear",
            "small_batch_linears"]
@@ -35,7 +36,8 @@ MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this 
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp", "dropout.cpp")]
+            for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp", "dropout.cpp",
+                         "memory_pool.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -405,6 +407,44 @@ def dropout_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, p: float, se
     """grad^T @ seeded_dropout(x, p, seeds) without materialising the dropped x; -> [R, K]."""
     return _ops().dropout_linear_grad_weight(grad.reshape(-1, grad.shape[-1]).contiguous(),
                                              x.reshape(-1, x.shape[-1]).contiguous(), *_dropout_params(p, seeds))
+
+
+# ---- CPU memory pool (training) -----------------------------------------------------------------------------
+_POOL_STATS = ("enabled", "live_bytes", "cached_bytes", "peak_live_bytes", "mapped_bytes", "hits", "misses")
+
+
+@contextlib.contextmanager
+def cpu_memory_pool(threshold: int = 256 << 10):
+    """Within the block, torch's CPU tensors of `threshold` bytes or more come from a pool that keeps freed
+    blocks for the next request of the same size (up to 1/4 larger), as torch's CUDA caching allocator does
+    (`memory_pool.cpp` says why: glibc's heap fragments under a training step's allocations and page faults
+    dominate without it). Yields whether the pool is installed (False where the kernels are unavailable or
+    another allocator has priority); on exit the previous allocator is back and the cache is unmapped (blocks
+    still in use return to the pool's bookkeeping when freed). Nested use keeps the outer pool."""
+    op = _ops()
+    if op is None:
+        yield False
+        return
+    outer = bool(op.memory_pool_stats()[0])
+    enabled = bool(op.memory_pool_enable(int(threshold))) if not outer else True
+    try:
+        yield enabled
+    finally:
+        if enabled and not outer:
+            op.memory_pool_disable()
+
+
+def cpu_memory_pool_stats(reset_peak: bool = False) -> dict[str, int] | None:
+    """The pool's counters (bytes live / cached / peak live / mapped, hits and misses since the last reset),
+    or None without the kernels. `reset_peak` starts a new peak and new hit counts after reading."""
+    op = _ops()
+    if op is None:
+        return None
+    stats = dict(zip(_POOL_STATS, op.memory_pool_stats()))
+    stats["enabled"] = bool(stats["enabled"])
+    if reset_peak:
+        op.memory_pool_reset_peak()
+    return stats
 
 
 # ---- image preprocessing (idefics2.image_processing): numpy in, numpy out ----------------------------------

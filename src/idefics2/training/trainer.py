@@ -9,6 +9,7 @@ micro-batches on all processes (`num_items_in_batch`), so N processes x batch b 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from .data import IGNORE_INDEX, ChatCollator, Sample, filter_by_length, load_jsonl, target_positions
 from .lora import (
     DEFAULT_LORA_TARGET,
@@ -78,6 +80,7 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    memory_pool: bool = True  # CPU: activations and gradients from kernels.cpu_memory_pool
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
@@ -453,6 +456,24 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", dynamic_ncols=True,
                        file=sys.stderr)
+        with self._memory_pool():
+            self._train_loop(bar)
+        self.save_final()
+        if self.tb is not None:
+            self.tb.close()
+        self.dist.barrier()
+        return cfg.output_dir
+
+    def _memory_pool(self):
+        """On the CPU, a training step's activations and gradients come from a pool that reuses freed blocks
+        (`kernels.cpu_memory_pool`): the step allocates gigabytes in the same sizes every time, which glibc's
+        heap fragments (peak RSS grows step after step) or, with a low mmap threshold, faults in afresh."""
+        if self.cfg.memory_pool and self.dist.device.type == "cpu":
+            return kernels.cpu_memory_pool()
+        return contextlib.nullcontext()
+
+    def _train_loop(self, bar) -> None:
+        cfg = self.cfg
         t_last, samples_since = time.perf_counter(), 0
         while self.step < self.total_steps:
             record = self.train_step(self.step)
@@ -476,11 +497,6 @@ class Trainer:
             bar.close()
         if self.eval_samples and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
             self.log({"step": self.step, "eval_loss": self.evaluate()})
-        self.save_final()
-        if self.tb is not None:
-            self.tb.close()
-        self.dist.barrier()
-        return cfg.output_dir
 
     # -- saving ---------------------------------------------------------------------------------------------
     def _full_state(self) -> dict[str, torch.Tensor]:
