@@ -7,9 +7,11 @@ The first test to need the kernel compiles it (about 15-30 s on two cores; cache
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -538,3 +540,24 @@ def test_memory_pool_training_step_is_identical_and_profilable():
         assert _pool_stats()["hits"] > 0
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert sum(e.cpu_memory_usage for e in prof.key_averages() if e.cpu_memory_usage > 0) > 0
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_memory_pool_survives_fork():
+    with K.cpu_memory_pool(threshold=64 << 10):
+        parent = torch.ones(300_000)
+        pid = os.fork()
+        if pid == 0:  # the child allocates and frees through its copy of the pool, then exits at once
+            torch.set_num_threads(1)  # libgomp's thread pool does not survive fork
+            ok = float((torch.ones(400_000) + parent[:400_000].sum()).sum()) > 0
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung allocating through the pool")
+        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+        del parent

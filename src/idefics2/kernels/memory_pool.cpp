@@ -12,6 +12,7 @@
 #include <torch/library.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstring>
@@ -164,7 +165,13 @@ class PoolAllocator final : public c10::Allocator {
 
   static PoolAllocator& instance() {
     // Never destroyed: tensors freed during interpreter shutdown still find it.
-    static PoolAllocator* pool = new PoolAllocator();
+    static PoolAllocator* pool = [] {
+      auto* p = new PoolAllocator();
+      // A fork (a DataLoader worker) while another thread holds the lock would leave the child's copy locked.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return p;
+    }();
     return *pool;
   }
 
