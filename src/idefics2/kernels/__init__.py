@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "cpu_memory_pool", "cpu_memory_pool_stats", "dropout_linear", "dropout_linear_applies",
-           "dropout_linear_grad_input", "dropout_linear_grad_weight", "int4_matmul", "int4_matmuls", "int8_matmul",
-           "int8_matmuls", "kernel_available", "kernel_status", "lut_to_chw", "seeded_dropout", "small_batch_linear",
-           "small_batch_linears"]
+__all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "cpu_memory_pool", "cpu_memory_pool_stats",
+           "dropout_linear", "dropout_linear_applies", "dropout_linear_grad_input", "dropout_linear_grad_weight",
+           "int4_matmul", "int4_matmuls", "int8_matmul", "int8_matmuls", "kernel_available", "kernel_status",
+           "lut_to_chw", "seeded_dropout", "small_batch_linear", "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of

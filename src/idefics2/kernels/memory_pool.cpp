@@ -42,6 +42,7 @@ class PoolAllocator final : public c10::Allocator {
     }
     const size_t size = (n + kPage - 1) / kPage * kPage;
     Block* block = nullptr;
+    size_t live = 0, reserved = 0;
     {
       std::lock_guard<std::mutex> guard(mutex_);
       auto it = cached_.lower_bound(size);
@@ -51,9 +52,10 @@ class PoolAllocator final : public c10::Allocator {
         age_.erase(block->by_age);
         cached_bytes_ -= block->size;
         ++hits_;
+        track_live_locked(block, live, reserved);
       }
     }
-    if (block == nullptr) {
+    if (block == nullptr) {  // mapped outside the lock
       void* ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (ptr == MAP_FAILED) {
         // Memory is short: give back what is cached and try once more before failing like torch does.
@@ -65,15 +67,7 @@ class PoolAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> guard(mutex_);
       ++misses_;
       mapped_bytes_ += size;
-    }
-    size_t live, reserved;
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      live_.emplace(block->ptr, block);
-      live_bytes_ += block->size;
-      if (live_bytes_ > peak_live_bytes_) peak_live_bytes_ = live_bytes_;
-      live = live_bytes_;
-      reserved = live_bytes_ + cached_bytes_;
+      track_live_locked(block, live, reserved);
     }
     report(block->ptr, static_cast<int64_t>(block->size), live, reserved);
     // Context == data pointer: oneDNN's raw_allocate / raw_deallocate path requires it.
@@ -176,6 +170,15 @@ class PoolAllocator final : public c10::Allocator {
   }
 
  private:
+  // Caller holds mutex_. Counts a block handed out; `live` / `reserved` are for the profiler report.
+  void track_live_locked(Block* block, size_t& live, size_t& reserved) {
+    live_.emplace(block->ptr, block);
+    live_bytes_ += block->size;
+    if (live_bytes_ > peak_live_bytes_) peak_live_bytes_ = live_bytes_;
+    live = live_bytes_;
+    reserved = live_bytes_ + cached_bytes_;
+  }
+
   // Caller holds mutex_. Blocks pushed to `evicted` are to be unmapped once the lock is released.
   void cache_locked(Block* block, std::vector<Block*>& evicted) {
     block->by_size = cached_.emplace(block->size, block);
@@ -217,7 +220,6 @@ class PoolAllocator final : public c10::Allocator {
 
 bool memory_pool_enable(int64_t threshold) { return PoolAllocator::instance().enable(threshold); }
 void memory_pool_disable() { PoolAllocator::instance().disable(); }
-void memory_pool_empty_cache() { PoolAllocator::instance().empty_cache(); }
 void memory_pool_reset_peak() { PoolAllocator::instance().reset_peak(); }
 std::vector<int64_t> memory_pool_stats() { return PoolAllocator::instance().stats(); }
 
@@ -226,7 +228,6 @@ std::vector<int64_t> memory_pool_stats() { return PoolAllocator::instance().stat
 TORCH_LIBRARY_FRAGMENT(idefics2_kernels, m) {
   m.def("memory_pool_enable(int threshold) -> bool", &memory_pool_enable);
   m.def("memory_pool_disable() -> ()", &memory_pool_disable);
-  m.def("memory_pool_empty_cache() -> ()", &memory_pool_empty_cache);
   m.def("memory_pool_reset_peak() -> ()", &memory_pool_reset_peak);
   m.def("memory_pool_stats() -> int[]", &memory_pool_stats);
 }

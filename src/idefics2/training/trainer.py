@@ -379,7 +379,7 @@ class Trainer:
             batch = self._to_device(batch)
             sync = i == len(batches) - 1
             context = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) \
-                else _nullcontext()
+                else contextlib.nullcontext()
             with context:
                 with self._autocast():
                     out = self.wrapped(**batch, num_items_in_batch=n_items,
@@ -587,14 +587,6 @@ class Trainer:
         self.save_model(out)
         if self.dist.main:
             self.processor.save_pretrained(out)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def finetune(config: TrainConfig) -> str:
