@@ -37,11 +37,17 @@ def image_message(text: str, *uris: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("served")
     made = subprocess.run([sys.executable, "-m", "idefics2", "init-random", "--preset", "tiny", str(path), "--force"],
                           capture_output=True, text=True, env=ENV, timeout=240)
     assert made.returncode == 0, made.stderr
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    path = checkpoint
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "idefics2", "serve", "--model", str(path), "--port", str(port), "--api-key", API_KEY,
@@ -209,20 +215,39 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert_healthy(client)
 
 
-def test_full_queue_answers_429(server, client):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 300, "temperature": 0}
-    statuses = []
+def test_full_queue_answers_429_until_it_drains(checkpoint):
+    """Deterministic: the engine is held back (not started) while the queue is filled, so no timing is involved."""
+    from fastapi.testclient import TestClient
 
-    def fire():
-        statuses.append(raw_post(server, body).status_code)
+    from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+    from idefics2.generation import GenerationConfig
+    from idefics2.server import ServerSettings, Service, create_app
 
-    threads = [threading.Thread(target=fire) for _ in range(40)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert 429 in statuses and 200 in statuses
-    assert_healthy(client)
+    model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    service = Service(model, processor, ServerSettings(model_name="tiny", max_batch_size=2, max_queue=3))
+    service.ready = True  # the app must not start the engine yet
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 2, "temperature": 0}
+    # Should admission control break, the request would wait on the held-back engine: start it after a while so
+    # that such a failure is a failed assertion, not a hung test.
+    failsafe = threading.Timer(30, service.start)
+    with TestClient(create_app(service)) as http:
+        failsafe.start()
+        ids, _ = service.engine_inputs("Go on.", [])
+        queued = [service.submit(ids, [], GenerationConfig(max_new_tokens=2), None, lambda token: None)
+                  for _ in range(2)]
+        too_many = http.post("/v1/chat/completions", json={**body, "n": 2})  # 2 queued + 2 > 3
+        assert too_many.status_code == 429
+        assert too_many.headers["Retry-After"] == "1"
+        assert too_many.json()["error"]["type"] == "rate_limit_exceeded"
+        assert "2 requests queued or running, limit 3" in too_many.json()["error"]["message"]
+        queued.append(service.submit(ids, [], GenerationConfig(max_new_tokens=2), None, lambda token: None))
+        assert http.post("/v1/chat/completions", json=body).status_code == 429  # full: 3 of 3
+        failsafe.cancel()
+        service.start()
+        assert all(r.wait(timeout=60) for r in queued)
+        reply = http.post("/v1/chat/completions", json={**body, "n": 2})
+        assert reply.status_code == 200 and len(reply.json()["choices"]) == 2
 
 
 def test_feature_cache_hits_show_in_metrics(server, client):

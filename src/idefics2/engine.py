@@ -10,7 +10,6 @@ seen before (another request, an earlier turn) skips the vision tower and the co
 from __future__ import annotations
 
 import collections
-import contextlib
 import queue
 import threading
 import time
@@ -148,6 +147,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self.rows: list[_Row] = []
         self.pending: queue.Queue[EngineRequest] = queue.Queue()
+        self._in_hand = 0  # taken off `pending` and not yet a row (prefilling), still counted as queued
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="idefics2-engine", daemon=True)
         self._started = False
@@ -161,7 +161,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self.pending.qsize()
+        return self.pending.qsize() + self._in_hand
 
     @property
     def batch_size(self) -> int:
@@ -203,27 +203,29 @@ class Engine:
             while True:
                 if self._stopping.is_set() and not self.rows and self.pending.empty():
                     return
-                self._admit()
-                if not self.rows:
-                    with contextlib.suppress(queue.Empty):  # wait for work without spinning
-                        self.pending.put(self.pending.get(timeout=0.05))
-                    continue
-                self._step()
+                self._admit(block=not self.rows)
+                if self.rows:
+                    self._step()
 
-    def _admit(self) -> None:
+    def _admit(self, block: bool = False) -> None:
+        """Start pending requests while the batch has room; when `block`, wait a moment for the first one."""
         while len(self.rows) < self.cache.max_batch:
             try:
-                request = self.pending.get_nowait()
+                request = self.pending.get(timeout=0.05) if block else self.pending.get_nowait()
             except queue.Empty:
                 return
-            if request.cancelled.is_set():
-                self._finish_unadmitted(request, "cancelled")
-                continue
+            block = False
+            self._in_hand = 1
             try:
+                if request.cancelled.is_set():
+                    self._finish_unadmitted(request, "cancelled")
+                    continue
                 self._start(request)
             except Exception as e:  # a bad request must not take the engine down
                 request.error = f"{type(e).__name__}: {e}"
                 self._finish_unadmitted(request, "error")
+            finally:
+                self._in_hand = 0
 
     def grammar(self, config: GenerationConfig) -> GrammarEngine:
         """The grammar engine for this tokenizer (compiled grammars are cached there)."""
