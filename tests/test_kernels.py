@@ -237,27 +237,44 @@ def _int4_data(b: int, n: int, k: int, group: int, seed: int = 0):
     return torch.randn(b, k, generator=g), values, scales, zeros
 
 
-@pytest.mark.skipif(not kernel_available() or not K._ops().has_int4(), reason="int4 kernel needs AVX512-BF16")
+@pytest.mark.skipif(not kernel_available() or not K._ops().has_int4(), reason="int4 kernel needs AVX512-VNNI")
 @pytest.mark.parametrize("b", BATCHES)
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("n, k", [(96, 128), (37, 384), (1030, 1024)])
+@pytest.mark.parametrize("n, k", [(96, 128), (48, 384), (1040, 1024)])
 def test_int4_kernel_matches_dequantized_matmul(b, group, n, k):
-    from idefics2.quantize import pack_int4
+    from idefics2.quantize import interleave_rows, pack_int4
 
     x, values, scales, zeros = _int4_data(b, n, k, group)
     w = ((values.double() - 8).reshape(n, -1, group) * scales.double()[..., None]
          + zeros.double()[..., None]).reshape(n, k)
-    expected = x.to(torch.bfloat16).double() @ w.t()  # the kernel rounds x to bf16, then works in fp32
-    y = K.int4_matmul(x, pack_int4(values), scales, zeros, group)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    y = K.int4_matmul(x, pack_int4(values), interleave_rows(scales), interleave_rows(zeros), group)
+    assert y.dtype == torch.float32
+    # x goes in as int8 codes with one scale per group of a row (max |x| / 127, rounded to nearest even in fp32):
+    # the result is the dequantized weight times exactly those quantized activations, up to fp32 rounding ...
+    amax = x.abs().reshape(b, -1, group).amax(-1, keepdim=True)
+    codes = torch.round(x.reshape(b, -1, group) * (127 / amax))
+    quantized_x = (codes.double() * (amax / 127).double()).reshape(b, k)
+    torch.testing.assert_close(y.double(), quantized_x @ w.t(), rtol=1e-4, atol=1e-4)
+    # ... which is off the exact product by at most half a step per element
+    expected = x.double() @ w.t()
+    step = (amax.double() / 127).expand(b, k // group, group).reshape(b, k)
+    assert ((y.double() - expected).abs() <= (step / 2) @ w.abs().t() + 1e-4).all()
+    # bf16 in: the same arithmetic on the bf16 values, the fp32 result rounded to bf16 (nearest even) at the end
+    x16 = x.to(torch.bfloat16)
+    y16 = K.int4_matmul(x16, pack_int4(values), interleave_rows(scales), interleave_rows(zeros), group)
+    y32 = K.int4_matmul(x16.float(), pack_int4(values), interleave_rows(scales), interleave_rows(zeros), group)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
 
 
 def test_quantized_kernels_decline_what_they_do_not_cover():
     x, q, scales = _int8_data(17, 8, 128)
     assert K.int8_matmul(x, q, scales) is None  # more than 16 rows: torch's op
-    x4, values, s4, z4 = _int4_data(2, 8, 192, 64)
-    assert K.int4_matmul(x4, values[:, :96], s4, z4, 64) is None  # K not a multiple of 128
-    assert K.int4_matmul(x4[:, :128], values[:, :64], s4[:, :2], z4[:, :2], 16) is None  # unsupported group
+    x4, values, s4, z4 = _int4_data(2, 16, 192, 64)
+    from idefics2.quantize import interleave_rows, pack_int4
+
+    packed, s16, z16 = pack_int4(values), interleave_rows(s4), interleave_rows(z4)
+    assert K.int4_matmul(x4[:, :96], packed, s16, z16, 64) is None  # K not a multiple of the group
+    assert K.int4_matmul(x4, packed, s16, z16, 16) is None  # unsupported group
     grad_x = torch.randn(2, 128, requires_grad=True)
     assert K.int8_matmul(grad_x, q, scales) is None
 

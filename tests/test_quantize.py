@@ -8,7 +8,7 @@ from idefics2 import Idefics2ForConditionalGeneration, kernels
 from idefics2.quantize import QuantizedLinear, quantize_model
 
 CONFIG = tiny_config_dict()
-# int4's chunk128 layout needs the decoder's input widths to be multiples of 128 (true of every Idefics2 size)
+# int4 needs widths that are multiples of its group size and of 16 (true of every Idefics2 size)
 CONFIG["text_config"].update(hidden_size=128, intermediate_size=256)
 CONFIG["perceiver_config"].update(hidden_size=128)
 
@@ -88,19 +88,27 @@ def test_unknown_method_and_unfit_widths_are_rejected(checkpoint, tmp_path):
         quantize_model(model, "int3")
     narrow = tiny_config_dict()  # text hidden size 64
     reference_model(narrow, seed=1).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model\.text_model\.layers\.0\.self_attn\.q_proj: int4 needs .* divisible by 128"):
-        Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int4")
+    with pytest.raises(ValueError, match=r"model\.text_model\.layers\.0\.self_attn\.q_proj: int4 needs group_size "
+                                         r"32, 64 or 128, in_features divisible by it .* in_features=64, "
+                                         r"out_features=64, group_size=128"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int4", quantize_group_size=128)
+    with pytest.raises(ValueError, match="out_features divisible by 16; got in_features=64, out_features=40"):
+        QuantizedLinear.from_linear(torch.nn.Linear(64, 40, bias=False), 4, 32)
 
 
-def test_int4_packing_round_trips_and_is_chunked_by_128():
-    from idefics2.quantize import pack_int4, unpack_int4
+def test_int4_packing_round_trips_in_the_x16_layout():
+    from idefics2.quantize import deinterleave_rows, interleave_rows, pack_int4, unpack_int4
 
-    q = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
+    q = torch.randint(0, 16, (48, 256), dtype=torch.uint8)
     packed = pack_int4(q)
-    assert packed.shape == (3, 128) and torch.equal(unpack_int4(packed), q)
-    # word m of a chunk (bytes 2m, 2m + 1) holds elements m, m + 32, m + 64, m + 96 in its four nibbles
-    word = packed[0, 2 * 5].int() | (packed[0, 2 * 5 + 1].int() << 8)
-    assert [(word >> (4 * j)) & 15 for j in range(4)] == [q[0, 5 + 32 * j].item() for j in range(4)]
+    assert packed.shape == (3, 2048) and torch.equal(unpack_int4(packed), q)
+    # block 1, step 5 (elements 40..47), byte 4r + t: element 40 + t of row 16 + r low, 44 + t high
+    r, t = 7, 2
+    byte = packed[1, 64 * 5 + 4 * r + t].item()
+    assert (byte & 15, byte >> 4) == (q[16 + r, 40 + t].item(), q[16 + r, 44 + t].item())
+    scales = torch.randn(48, 4)
+    assert interleave_rows(scales).shape == (3, 4, 16) and interleave_rows(scales)[2, 1, 3] == scales[35, 1]
+    assert torch.equal(deinterleave_rows(interleave_rows(scales)), scales)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -117,15 +125,20 @@ def test_decode_kernel_and_prefill_op_agree(bits):
         assert ((y - exact).norm() / exact.norm()).item() < 0.01
 
 
-def test_int4_checkpoint_from_the_early_layout_is_refused(checkpoint, tmp_path):
+@pytest.mark.parametrize("layout", [None, "chunk128"])
+def test_int4_checkpoint_from_an_earlier_layout_is_refused(checkpoint, tmp_path, layout):
     import json
 
     quant = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int4", quantize_group_size=32)
     quant.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["quantization_config"]["int4_layout"]
+    assert config["quantization_config"]["int4_layout"] == "x16"
+    if layout is None:
+        del config["quantization_config"]["int4_layout"]
+    else:
+        config["quantization_config"]["int4_layout"] = layout
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="quantize the float checkpoint again"):
+    with pytest.raises(ValueError, match=f"layout '{layout or 'pairs'}' of an earlier .*quantize the float checkpoint again"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
 
 

@@ -2,12 +2,13 @@
 
 Decoding on a CPU is bound by the bytes of weights streamed per token, so smaller weights decode faster:
 int8 per output channel and int4 in groups of 32/64/128 along the input. Decoding (<= 16 rows) runs on
-idefics2's streaming kernels (`idefics2.kernels`: int8 widened to fp32 in registers; int4 through AVX512-BF16
-dot products with bf16 activations); prefill dequantizes a block of rows at a time for fp32 GEMM; CPUs without
-the kernels use torch's `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` (bf16 activations). Quantization is a model-to-model transform
-(`quantize_model`), applied at load time from a float checkpoint layer by layer, so the float model is never
-held in memory at once. On disk the tensors are device-neutral (int8 matrix + scales; int4 as two nibbles a
-byte in idefics2's chunk128 order + scales and zero points) and are used as stored by idefics2's kernels
+idefics2's streaming kernels (`idefics2.kernels`: int8 through AVX512-VNNI with int16 activations; int4 through
+AVX512-VNNI with activations rounded to int8 per group); prefill dequantizes a block of rows at a time for fp32
+GEMM; CPUs without the kernels use torch's `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`
+(bf16 activations). Quantization is a model-to-model transform (`quantize_model`), applied at load time from a
+float checkpoint layer by layer, so the float model is never held in memory at once. On disk the tensors are
+plain integer and bf16 arrays any device can unpack (int8 matrix + scales; int4 as two nibbles a byte in
+idefics2's x16 order + scales and zero points, see `pack_int4`) and are used as stored by idefics2's kernels
 (torch's packed int4 layout is derived on first use only where the kernels are unavailable).
 `lm_head` is quantized to int8 per channel by default with either method (`quantize_lm_head=False` keeps it
 in float): at decode it is the largest single matrix streamed per token (32k x 4096 on idefics2-8b), and in
@@ -31,16 +32,16 @@ METHODS = ("int8", "int4")
 DEFAULT_TARGETS = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 
 
-INT4_LAYOUT = "chunk128"
+INT4_LAYOUT = "x16"
+INT4_BLOCK = 16  # output rows interleaved per block in the x16 layout
 
 
 class QuantizedLinear(nn.Module):
     """A bias-free Linear whose weight is int8 (per output channel) or int4 (per group), computed in bf16.
 
     int8: `qweight` [N, K] int8 and `scales` [N]; w = q * scale.
-    int4: `qweight` [N, K / 2] uint8 in the chunk128 layout (K is cut into chunks of 128 = 32 little-endian
-    16-bit words; nibble j of word m holds element 32j + m, so one 64-byte load unpacks into four runs of 32
-    consecutive elements with shifts and masks), `scales` and `zeros` [N, K / group];
+    int4: `qweight` [N / 16, 8 K] uint8 in the x16 layout (`pack_int4`: 16 rows interleaved, so that one 64-byte
+    load gives 16 rows x 8 consecutive elements), `scales` and `zeros` [N / 16, K / group, 16] (`interleave_rows`);
     w = (q - 8) * scale + zero.
     Up to 16 rows (decoding) run on idefics2's streaming kernels; more rows (prefill) dequantize a block of rows
     at a time to fp32 for the GEMM library; where the kernels cannot be built (or, for int4 decoding, the CPU
@@ -51,18 +52,19 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if bits == 4 and (group_size not in (32, 64, 128) or in_features % 128):
-            raise ValueError(f"int4 needs group_size 32, 64 or 128 and in_features divisible by 128; got "
-                             f"in_features={in_features}, group_size={group_size}")
+        if bits == 4 and (group_size not in (32, 64, 128) or in_features % group_size or out_features % INT4_BLOCK):
+            raise ValueError(f"int4 needs group_size 32, 64 or 128, in_features divisible by it and out_features "
+                             f"divisible by {INT4_BLOCK}; got in_features={in_features}, out_features={out_features}, "
+                             f"group_size={group_size}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))
         else:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-            groups = in_features // group_size
-            self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16))
+            blocks, groups = out_features // INT4_BLOCK, in_features // group_size
+            self.register_buffer("qweight", torch.zeros(blocks, 8 * in_features, dtype=torch.uint8))
+            self.register_buffer("scales", torch.ones(blocks, groups, INT4_BLOCK, dtype=torch.bfloat16))
+            self.register_buffer("zeros", torch.zeros(blocks, groups, INT4_BLOCK, dtype=torch.bfloat16))
         # derived lazily, never saved: fp32 scales for the int8 kernel, torch's packed int4 layout
         self._scales_fp32: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None
@@ -84,22 +86,24 @@ class QuantizedLinear(nn.Module):
             scale = ((high - low) / 15).clamp(min=1e-8)
             q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
             module.qweight = pack_int4(q.reshape(linear.out_features, -1))
-            module.scales = scale.to(torch.bfloat16)
+            module.scales = interleave_rows(scale.to(torch.bfloat16))
             # w = (q - 8) * scale + zero, so the stored zero is the value at q = 8.
-            module.zeros = (low + 8 * scale).to(torch.bfloat16)
+            module.zeros = interleave_rows((low + 8 * scale).to(torch.bfloat16))
         return module
 
     def dequantize(self) -> torch.Tensor:
         if self.bits == 8:
             return self.qweight.float() * self.scales.float()[:, None]
         q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
-        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        scales, zeros = deinterleave_rows(self.scales).float(), deinterleave_rows(self.zeros).float()
+        w = (q - 8) * scales[..., None] + zeros[..., None]
         return w.reshape(self.out_features, self.in_features)
 
     def _torch_int4_pack(self) -> None:
         q = unpack_int4(self.qweight).to(torch.int32)
         self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        self._scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
+        scales, zeros = deinterleave_rows(self.scales), deinterleave_rows(self.zeros)
+        self._scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -149,13 +153,14 @@ class QuantizedLinear(nn.Module):
         """Many rows (prefill): fp32 weights a block of rows at a time (<= 32 MiB), through the GEMM library."""
         xf = x2.float()
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        block = max(256, (8 << 20) // self.in_features)
+        block = max(256, (8 << 20) // self.in_features) // INT4_BLOCK * INT4_BLOCK
         for n0 in range(0, self.out_features, block):
             rows = slice(n0, min(self.out_features, n0 + block))
             if self.bits == 8:
                 weight = kernels.dequantize_int8(self.qweight[rows], self._fp32_scales()[rows])
             else:
-                weight = kernels.dequantize_int4(self.qweight[rows], self.scales[rows], self.zeros[rows],
+                blocks = slice(rows.start // INT4_BLOCK, rows.stop // INT4_BLOCK)
+                weight = kernels.dequantize_int4(self.qweight[blocks], self.scales[blocks], self.zeros[blocks],
                                                  self.group_size)
             out[:, rows] = xf @ weight.t()
         return out
@@ -175,19 +180,32 @@ class QuantizedLinear(nn.Module):
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] values 0..15 -> [N, K / 2] bytes in the chunk128 layout (K divisible by 128)."""
-    runs = q.to(torch.uint8).reshape(q.shape[0], -1, 4, 32)  # [N, chunk, run j, m]
-    low = runs[:, :, 0] | (runs[:, :, 1] << 4)  # word m's low byte: runs 0 and 1
-    high = runs[:, :, 2] | (runs[:, :, 3] << 4)
-    return torch.stack([low, high], dim=-1).reshape(q.shape[0], -1)
+    """[N, K] values 0..15 -> [N / 16, 8 K] bytes in the x16 layout (N divisible by 16, K by 8).
+
+    Rows go in blocks of 16; a block is K / 8 steps of 64 bytes, and byte 4r + t of step s holds element
+    8s + t of the block's row r in its low nibble and element 8s + 4 + t in its high nibble: the operand order
+    of AVX512-VNNI's byte dot product (4 consecutive elements of 16 rows per 64 bytes)."""
+    n, k = q.shape
+    steps = q.to(torch.uint8).reshape(n // INT4_BLOCK, INT4_BLOCK, k // 8, 2, 4)  # [block, r, step, half, t]
+    packed = steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)  # [block, r, step, t]
+    return packed.permute(0, 2, 1, 3).reshape(n // INT4_BLOCK, 8 * k)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`: [N, K / 2] bytes -> [N, K] uint8 values 0..15."""
-    words = packed.reshape(packed.shape[0], -1, 32, 2)
-    low, high = words[..., 0], words[..., 1]
-    runs = torch.stack([low & 0x0F, low >> 4, high & 0x0F, high >> 4], dim=2)  # [N, chunk, 4, 32]
-    return runs.reshape(packed.shape[0], -1)
+    """Inverse of `pack_int4`: [N / 16, 8 K] bytes -> [N, K] uint8 values 0..15."""
+    blocks, k = packed.shape[0], packed.shape[1] // 8
+    steps = packed.reshape(blocks, k // 8, INT4_BLOCK, 4).permute(0, 2, 1, 3)  # [block, r, step, t]
+    return torch.stack([steps & 0x0F, steps >> 4], dim=3).reshape(blocks * INT4_BLOCK, k)
+
+
+def interleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group [N, G] -> [N / 16, G, 16]: the 16 rows of a block side by side (x16 scales / zeros)."""
+    return t.reshape(-1, INT4_BLOCK, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `interleave_rows`: [N / 16, G, 16] -> [N, G]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
 
 
 HEAD_METHOD = "int8"
@@ -239,8 +257,9 @@ def prepare_quantized_skeleton(model: nn.Module, config: dict) -> None:
     """Before loading a quantized checkpoint: put empty QuantizedLinear modules where it has them."""
     bits = 8 if config["method"] == "int8" else 4
     if bits == 4 and config.get("int4_layout") != INT4_LAYOUT:
-        raise ValueError(f"this int4 checkpoint uses the layout {config.get('int4_layout', 'pairs')!r} of an early "
-                         f"idefics2 version; quantize the float checkpoint again with `idefics2 quantize`")
+        raise ValueError(f"this int4 checkpoint uses the layout {config.get('int4_layout', 'pairs')!r} of an earlier "
+                         f"idefics2 version (now {INT4_LAYOUT!r}); quantize the float checkpoint again with "
+                         "`idefics2 quantize`")
     pattern = re.compile(config.get("targets", DEFAULT_TARGETS))
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and pattern.search(name):

@@ -223,7 +223,7 @@ def int8_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[tor
 
 
 def int4_kernel_available() -> bool:
-    """The int4 decoding kernel is built and this CPU has AVX512-BF16."""
+    """The int4 decoding kernel is built and this CPU has AVX512-VNNI."""
     op = _ops()
     return op is not None and op.has_int4()
 
@@ -231,7 +231,7 @@ def int4_kernel_available() -> bool:
 def int4_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
                  zeros: list[torch.Tensor], group_size: int) -> list[torch.Tensor] | None:
     """`int4_matmul` for several weights of the same in_features in one kernel call (q/k/v, gate/up), or None."""
-    if not _quantized_kernel_applies(x) or x.shape[1] % 128 or group_size not in (32, 64, 128):
+    if not _quantized_kernel_applies(x) or group_size not in (32, 64, 128) or x.shape[1] % group_size:
         return None
     if not int4_kernel_available():
         return None
@@ -240,9 +240,10 @@ def int4_matmuls(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[tor
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor | None:
-    """x [B, K] @ W^T for int4 weights in the chunk128 layout of `idefics2.quantize`, or None (use torch's op).
+    """x [B, K] @ W^T for int4 weights in the x16 layout of `idefics2.quantize`, or None (use torch's op).
 
-    Needs AVX512-BF16; x is rounded to bf16, accumulation is fp32.
+    Needs AVX512-VNNI; x is rounded to int8 per row and group (scale max |x| / 127), accumulation is exact
+    int32 per group, then fp32.
     """
     ys = int4_matmuls(x, [qweight], [scales], [zeros], group_size)
     return None if ys is None else ys[0]
@@ -256,9 +257,10 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor | None:
-    """fp32 [N, K] of chunk128-packed int4 weights, or None where the kernel is unavailable."""
+    """fp32 [N, K] of x16-packed int4 weights ([N / 16, 8 K], scales / zeros [N / 16, K / group, 16]), or None
+    where the kernel is unavailable."""
     op = _ops()
-    if op is None or qweight.device.type != "cpu" or (qweight.shape[1] * 2) % 128 or group_size not in (32, 64, 128):
+    if op is None or qweight.device.type != "cpu":
         return None
     return op.dequantize_int4(qweight, scales, zeros, group_size)
 

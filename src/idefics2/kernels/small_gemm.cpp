@@ -614,105 +614,146 @@ std::vector<at::Tensor> small_gemm_int8_multi(const at::Tensor& x, at::TensorLis
 
 // ---------------------------------------------------------------------------------------------
 // int4 weights in groups along K: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / group.
-// Layout (idefics2's "chunk128"): row n is K / 128 chunks of 64 bytes = 32 little-endian 16-bit words; nibble j
-// of word m of chunk c holds q[128c + 32j + m]. So one cache-line load gives four runs of 32 consecutive
-// elements, each extracted into 32 words by a shift and a mask, with no shuffles. A word (q << 3) | 0x4180 is
-// the bf16 number 16 + q (exponent 4, q in the top mantissa bits), exact; AVX512-BF16's dot product multiplies
-// 32 of those by 32 bf16 activations (x is rounded to bf16, as torch's int4 kernel does) with fp32
-// accumulation. Per group: total += scale * dot(16 + q, x); since q - 8 = (16 + q) - 24, the rest,
-// sum over groups of (zero - 24 * scale) * sum(x over the group), is added per row at the end.
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Layout (idefics2's "x16"): rows in blocks of 16. A block is K / 8 steps of 64 bytes; byte 4r + t of step s holds
+// q[16 block + r, 8s + t] in its low nibble and q[16 block + r, 8s + 4 + t] in its high nibble. So one 64-byte
+// load and two masks give 16 rows x 4 consecutive k as unsigned bytes, the operand AVX512-VNNI's vpdpbusd
+// multiplies by 4 int8 activations broadcast to every lane, summing into one int32 lane per row: no shuffles and
+// no horizontal sums. scales and zeros are [N / 16, G, 16] (a block's 16 rows side by side, one load each).
+// Activations are quantized per row and group to int8 (x ~ sx * xq, sx = max |x| / 127, as llama.cpp's q8
+// activations): per group, total += scale * sx * dot(q, xq) + (zero - 8 * scale) * sx * sum(xq), the product of
+// the dequantized weights with the quantized activations up to fp32 rounding. int4 weights carry ~10x the error
+// of this activation rounding.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHaveInt4 = true;
+constexpr int64_t kInt4Prefetch = 2048;  // bytes ahead in a block's stream
 
-inline __m512 broadcast_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(static_cast<short>(*p)), 16));
+struct Int4X {                 // activations for the int4 kernel, per row b and group g
+  std::vector<int8_t> q;       // [B, K]
+  std::vector<float> scale;    // [B, G]: sx
+  std::vector<float> sum;      // [B, G]: sx * sum(xq)
+};
+
+template <typename XT>
+Int4X quantize_x_int8(const XT* x, int64_t B, int64_t K, int64_t group) {
+  const int64_t G = K / group;
+  Int4X qx{std::vector<int8_t>(static_cast<size_t>(B * K)), std::vector<float>(static_cast<size_t>(B * G)),
+           std::vector<float>(static_cast<size_t>(B * G))};
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      const XT* xr = x + b * K + g * group;
+      __m512 m = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group; k += 16) m = _mm512_max_ps(m, _mm512_and_ps(load16(xr + k), sign_off));
+      const float amax = _mm512_reduce_max_ps(m);
+      const float sx = amax / 127.f;
+      const __m512 vinv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      int8_t* qr = qx.q.data() + b * K + g * group;
+      __m512i total = _mm512_setzero_si512();
+      for (int64_t k = 0; k < group; k += 16) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(xr + k), vinv));  // round to nearest
+        total = _mm512_add_epi32(total, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k), _mm512_cvtsepi32_epi8(v));
+      }
+      qx.scale[b * G + g] = sx;
+      qx.sum[b * G + g] = sx * static_cast<float>(_mm512_reduce_add_epi32(total));
+    }
+  return qx;
 }
 
-template <int R, int BC, int GROUP>
-inline void int4_block(const uint8_t* w, int64_t ldw, const uint16_t* scale, int64_t ldg, const uint16_t* x,
-                       int64_t ldx, int64_t k0, int64_t k1, __m512* total, bool prefetch) {
-  static_assert(GROUP == 32 || GROUP == 64 || GROUP == 128, "group size 32, 64 or 128");
-  const __m512i mantissa = _mm512_set1_epi16(0x78), exponent = _mm512_set1_epi16(0x4180);
-  __m512 tot[R][BC], acc[R][BC];
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {  // round to nearest even, as c10::BFloat16(float) does
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(rounded, 16), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+}
+
+// y[b0 + b, 16 blk + r] for RB blocks of 16 rows (w, scale, zero at the first one) and BC batch rows from b0.
+template <int RB, int BC, int GROUP, typename OT>
+inline void int4_blocks(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t K, const Int4X& qx,
+                        int64_t b0, OT* y, int64_t N) {
+  const int64_t G = K / GROUP, block_bytes = 8 * K;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 tot[RB][BC];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int b = 0; b < BC; ++b) tot[r][b] = total[r * BC + b], acc[r][b] = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k1; k += 128) {
-    __m512i raw[R];
+    for (int b = 0; b < BC; ++b) tot[r][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[RB][BC];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * ldw + k / 2;
-      if (prefetch) Simd::prefetch(p + R * ldw);
-      raw[r] = _mm512_loadu_si512(p);
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      __m512i wj[R];
+    for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        // nibble j moved to bits 3..6, then (t & 0x78) | 0x4180  (ternary-logic truth table 0xEA: (A & B) | C)
-        const __m512i t = j == 0 ? _mm512_slli_epi16(raw[r], 3) : _mm512_srli_epi16(raw[r], 4 * j - 3);
-        wj[r] = _mm512_ternarylogic_epi32(t, mantissa, exponent, 0xEA);
-      }
+      for (int b = 0; b < BC; ++b) acc[r][b] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 8) {
+      __m512i xa[BC], xb[BC];
 #pragma GCC unroll 8
       for (int b = 0; b < BC; ++b) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + b * ldx + k + 32 * j);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wj[r], xv);
+        const int8_t* xr = qx.q.data() + (b0 + b) * K + k;
+        xa[b] = broadcast4(xr), xb[b] = broadcast4(xr + 4);
       }
-      if ((32 * (j + 1)) % GROUP == 0) {  // a group ends here: scale its sums into the totals
-        const int64_t g = (k + 32 * j) / GROUP;
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const __m512 s = broadcast_bf16(scale + r * ldg + g);
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* p = w + r * block_bytes + 8 * k;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kInt4Prefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(p);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
 #pragma GCC unroll 8
-          for (int b = 0; b < BC; ++b) {
-            tot[r][b] = _mm512_fmadd_ps(acc[r][b], s, tot[r][b]);
-            acc[r][b] = _mm512_setzero_ps();
-          }
+        for (int b = 0; b < BC; ++b) {
+          acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], lo, xa[b]);
+          acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], hi, xb[b]);
         }
       }
     }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512 s = load16(scale + (r * G + g) * 16);
+      const __m512 offset = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.f), load16(zero + (r * G + g) * 16));
+#pragma GCC unroll 8
+      for (int b = 0; b < BC; ++b) {
+        const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_set1_ps(qx.scale[(b0 + b) * G + g]));
+        tot[r][b] = _mm512_fmadd_ps(offset, _mm512_set1_ps(qx.sum[(b0 + b) * G + g]), _mm512_fmadd_ps(d, s, tot[r][b]));
+      }
+    }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int b = 0; b < BC; ++b) total[r * BC + b] = tot[r][b];
+    for (int b = 0; b < BC; ++b) store16(y + (b0 + b) * N + 16 * r, tot[r][b]);
 }
 
-// Rows x batch rows per pass, with (group + total) accumulators = 16 zmm either way: 4 x 2 keeps more weight
-// streams in flight for 1-2 rows; 2 x 4 decodes the weights half as often for more rows.
-constexpr int64_t kInt4Block = 512;  // K block when the batch takes several passes (a multiple of 128)
-
-// (zero - 24 * scale) . xsum over the groups of one row, for one batch row (16 groups at a time).
-inline float int4_offset(const uint16_t* scale, const uint16_t* zero, const float* xsum, int64_t G) {
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 c24 = _mm512_set1_ps(-24.f);
-  int64_t g = 0;
-  for (; g + 16 <= G; g += 16)
-    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(load16(scale + g), c24, load16(zero + g)), _mm512_loadu_ps(xsum + g), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; g < G; ++g) s += (bf16_to_float(zero[g]) - 24.f * bf16_to_float(scale[g])) * xsum[g];
-  return s;
-}
-
-template <int R, int C, int GROUP>
-void int4_rows(const uint8_t* w, int64_t ldw, const uint16_t* scale, const uint16_t* zero, int64_t G,
-               const uint16_t* x, const float* xsum, int64_t B, int64_t K, float* out, bool prefetch) {
-  static_assert(C == 2 || C == 4, "2 or 4 batch rows per pass");
-  __m512 acc[R * kMaxB];
-  for (int i = 0; i < R * B; ++i) acc[i] = _mm512_setzero_ps();
-  batch_chunks<C>(B, K, kInt4Block, prefetch, [&](auto rows, int64_t b0, int64_t k0, int64_t k1, bool pf) {
-    int4_block<R, decltype(rows)::value, GROUP>(w, ldw, scale, G, x + b0 * K, K, k0, k1, acc + b0 * R, pf);
-  });
-  for (int64_t b0 = 0; b0 < B; b0 += C) {
-    const int nb = static_cast<int>(std::min<int64_t>(C, B - b0));
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < nb; ++b)
-        out[(b0 + b) * R + r] = _mm512_reduce_add_ps(acc[b0 * R + r * nb + b]) +
-                                int4_offset(scale + r * G, zero + r * G, xsum + (b0 + b) * G, G);
-  }
+// Blocks [blk0, blk1) of one weight, RB at a time (the rest one by one), each for all B rows in passes of up to BC
+// (later passes read the blocks from cache).
+template <int RB, int BC, int GROUP, typename OT>
+void int4_block_range(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t K, const Int4X& qx,
+                      int64_t B, OT* y, int64_t N, int64_t blk0, int64_t blk1) {
+  const int64_t G = K / GROUP, block_bytes = 8 * K;
+  auto passes = [&](auto blocks, int64_t blk) {
+    constexpr int nr = decltype(blocks)::value;
+    const uint8_t* wb = w + blk * block_bytes;
+    const uint16_t *sb = scale + blk * G * 16, *zb = zero + blk * G * 16;
+    OT* yb = y + 16 * blk;
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      switch (std::min<int64_t>(BC, B - b0)) {
+        case 1: int4_blocks<nr, 1, GROUP>(wb, sb, zb, K, qx, b0, yb, N); break;
+        case 2: int4_blocks<nr, BC >= 2 ? 2 : 1, GROUP>(wb, sb, zb, K, qx, b0, yb, N); break;
+        case 3: int4_blocks<nr, BC >= 3 ? 3 : 1, GROUP>(wb, sb, zb, K, qx, b0, yb, N); break;
+        default: int4_blocks<nr, BC, GROUP>(wb, sb, zb, K, qx, b0, yb, N); break;
+      }
+    }
+  };
+  int64_t blk = blk0;
+  for (; blk + RB <= blk1; blk += RB) passes(Rows<RB>{}, blk);
+  for (; blk < blk1; ++blk) passes(Rows<1>{}, blk);
 }
 
 // One int4 weight of several (q/k/v, gate/up) sharing x: its packed nibbles, scales, zeros, rows and output.
@@ -725,87 +766,73 @@ struct Int4Weight {
   OT* y;
 };
 
-template <int R, int C, int GROUP, typename OT>
-void int4_gemm_rc(const std::vector<Int4Weight<OT>>& ws, const uint16_t* x, const float* xsum, int64_t B, int64_t K) {
-  const int64_t G = K / GROUP, ldw = K / 2;
-  // Split as finely as for bf16 weights of the same shape: per byte, int4 takes 4x the work.
-  const int64_t grain = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(1, R * K * 2));
+template <int GROUP, typename OT>
+void int4_gemm(const std::vector<Int4Weight<OT>>& ws, const Int4X& qx, int64_t B, int64_t K) {
+  // Tasks of at least ~64 KB of weights: a thread streams a few blocks of 16 rows (8K bytes each) per task.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (8 * K));
   std::vector<int64_t> ns;
   for (const auto& wt : ws) ns.push_back(wt.N);
-  parallel_row_groups<R>(ns, grain, [&](size_t i, int64_t n0, int64_t n1) {
+  parallel_row_groups<16>(ns, grain, [&](size_t i, int64_t n0, int64_t n1) {
     const Int4Weight<OT>& wt = ws[i];
-    float out[kMaxB * R];
-    row_groups<R>(n0, n1, [&](auto rows, int64_t n, bool prefetch) {
-      int4_rows<decltype(rows)::value, C, GROUP>(wt.w + n * ldw, ldw, wt.scale + n * G, wt.zero + n * G, G, x, xsum,
-                                                 B, K, out, prefetch);
-    }, [&](int64_t n, int rows) {
-      for (int64_t b = 0; b < B; ++b)
-        for (int r = 0; r < rows; ++r) wt.y[b * wt.N + n + r] = static_cast<OT>(out[b * rows + r]);
-    });
+    // 1-2 rows: 4 blocks (4 weight streams) x 1-2 rows of sums; more rows: 2 blocks x 4 rows (16 sums + 16 totals
+    // + 4 nibble vectors + 8 broadcasts in 32 registers).
+    if (B <= 2) int4_block_range<4, 2, GROUP>(wt.w, wt.scale, wt.zero, K, qx, B, wt.y, wt.N, n0 / 16, n1 / 16);
+    else int4_block_range<2, 4, GROUP>(wt.w, wt.scale, wt.zero, K, qx, B, wt.y, wt.N, n0 / 16, n1 / 16);
   });
 }
 
-template <int GROUP, typename OT>
-void int4_gemm(const std::vector<Int4Weight<OT>>& ws, const uint16_t* x, const float* xsum, int64_t B, int64_t K) {
-  if (B <= 2) int4_gemm_rc<4, 2, GROUP, OT>(ws, x, xsum, B, K);
-  else int4_gemm_rc<2, 4, GROUP, OT>(ws, x, xsum, B, K);
-}
-
 template <typename OT>
-void int4_dispatch(int64_t group, const std::vector<Int4Weight<OT>>& ws, const uint16_t* x, const float* xsum,
-                   int64_t B, int64_t K) {
-  if (group == 32) int4_gemm<32, OT>(ws, x, xsum, B, K);
-  else if (group == 64) int4_gemm<64, OT>(ws, x, xsum, B, K);
-  else int4_gemm<128, OT>(ws, x, xsum, B, K);
+void int4_dispatch(int64_t group, const std::vector<Int4Weight<OT>>& ws, const Int4X& qx, int64_t B, int64_t K) {
+  if (group == 32) int4_gemm<32, OT>(ws, qx, B, K);
+  else if (group == 64) int4_gemm<64, OT>(ws, qx, B, K);
+  else int4_gemm<128, OT>(ws, qx, B, K);
 }
 #else
 constexpr bool kHaveInt4 = false;
 #endif
 
+// Shapes of an x16 int4 weight: qweight uint8 [N / 16, 8 K], scales / zeros bf16 [N / 16, K / group, 16].
+void check_int4_weight(const char* op, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t K, int64_t group_size) {
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op, ": group 32, 64 or 128");
+  TORCH_CHECK(K > 0 && K % group_size == 0, op, ": K (", K, ") must be a multiple of the group size ", group_size);
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
+                  q.size(1) == 8 * K, op, ": qweight must be contiguous uint8 [N / 16, 8 K] (the x16 layout)");
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 3 &&
+                    t->size(0) == q.size(0) && t->size(1) == K / group_size && t->size(2) == 16,
+                op, ": scales and zeros must be contiguous bf16 [N / 16, K / group, 16]");
+}
+
 // x [B, K] against several int4 weights of the same K (one kernel call, the threads woken once).
 std::vector<at::Tensor> small_gemm_int4(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                                         at::TensorList zeros, int64_t group_size) {
-  TORCH_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-BF16 (this build: ", isa(), ")");
-  TORCH_CHECK(x.device().is_cpu(), "small_gemm_int4: CPU tensors only");
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "small_gemm_int4: group 32, 64 or 128");
-  TORCH_CHECK(x.dim() == 2, "small_gemm_int4: x [B, K]");
+  TORCH_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-VNNI (this build: ", isa(), ")");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_int4: CPU x [B, K]");
   TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() && zeros.size() == qweights.size(),
               "small_gemm_int4: one scales and one zeros tensor per weight");
-  const int64_t B = x.size(0), K = x.size(1), G = K / group_size;
-  TORCH_CHECK(K % 128 == 0, "small_gemm_int4: K must be a multiple of 128");
+  const int64_t B = x.size(0), K = x.size(1);
   TORCH_CHECK(B <= kMaxB, "small_gemm_int4: at most ", kMaxB, " rows");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int4: fp32 or bf16 x");
   std::vector<at::Tensor> ys;
   for (size_t i = 0; i < qweights.size(); ++i) {
-    const at::Tensor& q = qweights[i];
-    TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
-                    q.size(1) * 2 == K, "small_gemm_int4: qweight must be contiguous uint8 [N, K / 2]");
-    for (const at::Tensor* t : {&scales[i], &zeros[i]})
-      TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
-                      t->size(0) == q.size(0) && t->size(1) == G,
-                  "small_gemm_int4: scales and zeros must be contiguous bf16 [N, K / group]");
-    ys.push_back(at::empty({B, q.size(0)}, x.options()));
+    check_int4_weight("small_gemm_int4", qweights[i], scales[i], zeros[i], K, group_size);
+    ys.push_back(at::empty({B, qweights[i].size(0) * 16}, x.options()));
   }
   if (B == 0) return ys;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  at::Tensor xb = x.to(at::kBFloat16).contiguous();
-  const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
-  std::vector<float> xsum(static_cast<size_t>(B * G));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) s += bf16_to_float(xp[b * K + k]);
-      xsum[b * G + g] = s;
-    }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const at::Tensor xc = x.contiguous();
+  const Int4X qx = x.scalar_type() == at::kFloat ? quantize_x_int8(xc.data_ptr<float>(), B, K, group_size)
+                                                 : quantize_x_int8(xc.data_ptr<c10::BFloat16>(), B, K, group_size);
   auto run = [&](auto type_tag) {
     using OT = decltype(type_tag);
     std::vector<Int4Weight<OT>> ws;
     for (size_t i = 0; i < qweights.size(); ++i)
       ws.push_back({qweights[i].data_ptr<uint8_t>(),
                     reinterpret_cast<const uint16_t*>(scales[i].data_ptr<c10::BFloat16>()),
-                    reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<c10::BFloat16>()), qweights[i].size(0),
+                    reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<c10::BFloat16>()), ys[i].size(1),
                     ys[i].data_ptr<OT>()});
-    int4_dispatch<OT>(group_size, ws, xp, xsum.data(), B, K);
+    int4_dispatch<OT>(group_size, ws, qx, B, K);
   };
   if (x.scalar_type() == at::kFloat) run(float{});
   else run(c10::BFloat16{});
@@ -835,32 +862,27 @@ at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scales) 
 
 at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                            int64_t group_size) {
-  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
-                  qweight.is_contiguous(), "dequantize_int4: contiguous CPU uint8 qweight [N, K / 2]");
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(K % 128 == 0 && (group_size == 32 || group_size == 64 || group_size == 128),
-              "dequantize_int4: K a multiple of 128, group 32, 64 or 128");
-  const int64_t G = K / group_size;
-  for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * G,
-                "dequantize_int4: scales and zeros must be contiguous bf16 [N, K / group]");
-  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  TORCH_CHECK(qweight.dim() == 2, "dequantize_int4: qweight [N / 16, 8 K]");
+  const int64_t blocks = qweight.size(0), K = qweight.size(1) / 8, G = K / std::max<int64_t>(1, group_size);
+  check_int4_weight("dequantize_int4", qweight, scales, zeros, K, group_size);
+  at::Tensor out = at::empty({blocks * 16, K}, qweight.options().dtype(at::kFloat));
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
   const auto* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, blocks * 16, std::max<int64_t>(1, (256 << 10) / K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = q + n * (K / 2);
-      for (int64_t c = 0; c < K / 128; ++c)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t k0 = 128 * c + 32 * j, g = k0 / group_size;
-          const float s = bf16_to_float(sp[n * G + g]), z = bf16_to_float(zp[n * G + g]);
-          for (int m = 0; m < 32; ++m) {  // nibble j of word m is element k0 + m
-            const unsigned word = row[64 * c + 2 * m] | (static_cast<unsigned>(row[64 * c + 2 * m + 1]) << 8);
-            o[n * K + k0 + m] = (static_cast<float>((word >> (4 * j)) & 15u) - 8.f) * s + z;
+      const int64_t blk = n / 16, r = n % 16;
+      const uint8_t* block = q + blk * 8 * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = bf16_to_float(sp[(blk * G + g) * 16 + r]), z = bf16_to_float(zp[(blk * G + g) * 16 + r]);
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 8)
+          for (int t = 0; t < 4; ++t) {
+            const unsigned byte = block[8 * k + 4 * r + t];
+            o[n * K + k + t] = (static_cast<float>(byte & 15u) - 8.f) * s + z;
+            o[n * K + k + 4 + t] = (static_cast<float>(byte >> 4) - 8.f) * s + z;
           }
-        }
+      }
     }
   });
   return out;
