@@ -38,8 +38,9 @@ def test_quantized_model_tracks_the_float_model_and_round_trips(checkpoint, tmp_
     quant = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize=method, quantize_group_size=32)
     layers = [m for m in quant.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 7 * CONFIG["text_config"]["num_hidden_layers"] + 1  # + lm_head
-    assert isinstance(quant.lm_head, QuantizedLinear) and quant.lm_head.bits == 8  # int8 with either method
-    assert quant.config.extra["quantization_config"]["lm_head"] == "int8"
+    head_bits = 8 if method == "int8" else 4  # the layers' method; int4 rows padded 120 -> 128
+    assert isinstance(quant.lm_head, QuantizedLinear) and quant.lm_head.bits == head_bits
+    assert quant.config.extra["quantization_config"]["lm_head"] == method
     assert quant.model.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
     assert isinstance(quant.model.connector.modality_projection.gate_proj, torch.nn.Linear)
     ids = make_prompt(torch.Generator().manual_seed(0), CONFIG, 0, 20)[None]
@@ -55,7 +56,7 @@ def test_quantized_model_tracks_the_float_model_and_round_trips(checkpoint, tmp_
         assert not any(m.qweight.untyped_storage().resizable() for m in again_layers)
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, b)
-    assert isinstance(again.lm_head, QuantizedLinear) and again.lm_head.bits == 8
+    assert isinstance(again.lm_head, QuantizedLinear) and again.lm_head.bits == head_bits
     with pytest.raises(ValueError, match="already quantized"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int8")
 
@@ -78,7 +79,7 @@ def test_lm_head_can_stay_float_and_older_checkpoints_keep_it_float(checkpoint, 
     config = json.loads(config_path.read_text())
     config["quantization_config"]["lm_head"] = "int3"
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="lm_head is quantized as 'int3'; only 'int8' is known"):
+    with pytest.raises(ValueError, match="lm_head is quantized as 'int3'; only 'int8' and 'int4' are known"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "float_head")
 
 
@@ -89,11 +90,39 @@ def test_unknown_method_and_unfit_widths_are_rejected(checkpoint, tmp_path):
     narrow = tiny_config_dict()  # text hidden size 64
     reference_model(narrow, seed=1).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model\.text_model\.layers\.0\.self_attn\.q_proj: int4 needs group_size "
-                                         r"32, 64 or 128, in_features divisible by it .* in_features=64, "
-                                         r"out_features=64, group_size=128"):
+                                         r"32, 64 or 128 and in_features divisible by it; got in_features=64, "
+                                         r"group_size=128"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int4", quantize_group_size=128)
-    with pytest.raises(ValueError, match="out_features divisible by 16; got in_features=64, out_features=40"):
-        QuantizedLinear.from_linear(torch.nn.Linear(64, 40, bias=False), 4, 32)
+    with pytest.raises(ValueError, match="quantize_lm_head='int3'"):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize="int8", quantize_lm_head="int3")
+
+
+def test_int4_rows_are_padded_to_whole_blocks_and_dropped_again():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 40, bias=False)  # 40 rows: stored as 3 blocks of 16, 8 padding rows
+    q = QuantizedLinear.from_linear(linear, 4, 32)
+    assert q.qweight.shape == (3, 8 * 64) and q.padded_rows == 48
+    weight = q.dequantize()
+    assert weight.shape == (40, 64) and (weight - linear.weight).abs().max() < 0.1 * linear.weight.abs().max()
+    with torch.no_grad():
+        for rows in (3, 20):  # the decoding kernel (or torch's op) and the prefill path
+            x = torch.randn(rows, 64)
+            y = q(x)
+            assert y.shape == (rows, 40)
+            exact = x @ weight.t()
+            assert ((y - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_lm_head_method_can_differ_from_the_layers(checkpoint, tmp_path):
+    quant = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int4", quantize_group_size=32,
+                                                             quantize_lm_head="int8")
+    assert quant.lm_head.bits == 8 and quant.model.text_model.layers[0].mlp.up_proj.bits == 4
+    quant.save_pretrained(tmp_path)
+    again = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.lm_head.bits == 8 and again.config.extra["quantization_config"]["lm_head"] == "int8"
+    floating = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int4", quantize_group_size=32,
+                                                                quantize_lm_head=False)
+    assert isinstance(floating.lm_head, torch.nn.Linear)
 
 
 def test_int4_packing_round_trips_in_the_x16_layout():

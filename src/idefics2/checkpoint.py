@@ -496,7 +496,7 @@ def load_pretrained(
     trust_remote_code: bool | None = None,
     quantize: str | None = None,
     quantize_group_size: int = 64,
-    quantize_lm_head: bool = True,
+    quantize_lm_head: bool | str = True,
     offload_folder: str | os.PathLike | None = None,
     max_memory: dict | None = None,
 ):
@@ -510,8 +510,9 @@ def load_pretrained(
     "disk"), "sequential" fills them in order; `max_memory` ({0: "20GiB", "cpu": "60GiB"}) caps each device and
     plans a dict also for one GPU or the CPU alone. Without it "auto" is the one GPU, or the CPU.
     `attn_implementation`: "sdpa" (default), "eager" or "flash_attention_2".
-    `quantize`: "int8" or "int4" quantizes the text decoder's projections at load, and `lm_head` to int8
-    unless `quantize_lm_head=False` (see `idefics2.quantize`); a checkpoint written quantized by
+    `quantize`: "int8" or "int4" quantizes the text decoder's projections at load, and `lm_head` the same way
+    (`quantize_lm_head`: "int8" / "int4" to choose, False to keep it in float; see `idefics2.quantize`); a
+    checkpoint written quantized by
     `idefics2 quantize` is recognised from its config.
     `low_cpu_mem_usage`, `use_safetensors` and `trust_remote_code` are accepted for drop-in compatibility:
     loading is always low-memory and safetensors-only, and no remote code is ever run.

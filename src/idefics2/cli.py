@@ -235,7 +235,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model!r} has no config.json: not an Idefics2 checkpoint directory")
     model = Idefics2ForConditionalGeneration.from_pretrained(
         args.model, quantize=args.method, quantize_group_size=args.group_size,
-        quantize_lm_head=not args.float_lm_head, dtype=None if args.dtype == "auto" else args.dtype,
+        quantize_lm_head=False if args.float_lm_head or args.lm_head == "float" else (args.lm_head or True),
+        dtype=None if args.dtype == "auto" else args.dtype,
     )
     model.save_pretrained(args.output)
     for name in os.listdir(args.model):  # processor and tokenizer files travel with the weights
@@ -386,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="float checkpoint directory")
     p.add_argument("--method", required=True, choices=["int8", "int4"], help="int8 per channel or int4 grouped")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
-    p.add_argument("--float-lm-head", action="store_true",
-                   help="keep lm_head in floating point (default: int8 per channel with either method)")
+    p.add_argument("--lm-head", choices=["int8", "int4", "float"],
+                   help="how to store lm_head (default: the --method of the layers)")
+    p.add_argument("--float-lm-head", action="store_true", help="the same as --lm-head float")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"],
                    help="dtype of the parts that stay in floating point (vision tower, connector, embeddings, "
                         "norms); bfloat16 (default) is what the int8/int4 kernels compute in; auto keeps "

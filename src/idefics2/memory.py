@@ -35,11 +35,12 @@ class MemoryEstimate:
 
 def weight_bytes(
     config: Idefics2Config, dtype: torch.dtype, quantize: str | None = None, group_size: int = 64,
-    quantize_lm_head: bool = True,
+    quantize_lm_head: bool | str = True,
 ) -> int:
     """Bytes of the parameters as loaded; `quantize` ("int8", "int4", "nf4") applies to the text decoder layers,
-    and idefics2's int8 / int4 also put an untied `lm_head` in int8 unless `quantize_lm_head=False`."""
+    and idefics2's int8 / int4 also to an untied `lm_head` (`quantize_lm_head` as in `from_pretrained`)."""
     from .modeling import Idefics2ForConditionalGeneration, empty_weights
+    from .quantize import head_method
 
     with empty_weights():
         model = Idefics2ForConditionalGeneration(config)
@@ -47,15 +48,16 @@ def weight_bytes(
     for name, param in model.named_parameters():
         n = param.numel()
         is_text_linear = name.startswith("model.text_model.layers.") and param.dim() == 2
-        int8_head = (name == "lm_head.weight" and quantize in ("int8", "int4") and quantize_lm_head
-                     and not config.tie_word_embeddings)
-        method = "int8" if int8_head else quantize if is_text_linear else None
+        quantized_head = (name == "lm_head.weight" and quantize in ("int8", "int4")
+                          and not config.tie_word_embeddings and head_method(quantize, quantize_lm_head))
+        method = head_method(quantize, quantize_lm_head) if quantized_head else quantize if is_text_linear else None
         if method:
-            out_features = param.shape[0]
+            out_features, in_features = param.shape
             if method == "int8":
                 total += n + 2 * out_features  # int8 weight + bf16 scale per row
-            elif method == "int4":
-                total += n // 2 + 4 * (n // group_size)  # two nibbles a byte + bf16 scale and zero per group
+            elif method == "int4":  # rows padded to blocks of 16; two nibbles a byte + bf16 scale and zero per group
+                rows = -(-out_features // 16) * 16
+                total += rows * in_features // 2 + 4 * (rows * in_features // group_size)
             else:  # bitsandbytes nf4: 4-bit weight + one absmax per 64 values (double quant ignored)
                 total += n // 2 + 4 * (n // 64)
         else:

@@ -10,10 +10,11 @@ float checkpoint layer by layer, so the float model is never held in memory at o
 plain integer and bf16 arrays any device can unpack (int8 matrix + scales; int4 as two nibbles a byte in
 idefics2's x16 order + scales and zero points, see `pack_int4`) and are used as stored by idefics2's kernels
 (torch's packed int4 layout is derived on first use only where the kernels are unavailable).
-`lm_head` is quantized to int8 per channel by default with either method (`quantize_lm_head=False` keeps it
-in float): at decode it is the largest single matrix streamed per token (32k x 4096 on idefics2-8b), and in
-bf16 it alone would cap int4 decoding below 3x bf16 on a model like the `medium` preset; int8, not int4, as
-llama.cpp keeps its output matrix at higher precision than the layers. The vision tower, the connector and the
+`lm_head` is quantized with the layers' method by default (`quantize_lm_head="int8"` keeps it in int8 under
+int4, as llama.cpp keeps its output matrix at higher precision; False keeps it in float): at decode it is the
+largest single matrix streamed per token (32k x 4096 on idefics2-8b), and in bf16 it alone would cap int4
+decoding well below 3x bf16 on a model like the `medium` preset (int4 like MLX's 4-bit conversions; its int4
+rows are padded to a whole block of 16, the vocabulary being 32003). The vision tower, the connector and the
 embeddings stay in floating point.
 """
 
@@ -52,16 +53,17 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if bits == 4 and (group_size not in (32, 64, 128) or in_features % group_size or out_features % INT4_BLOCK):
-            raise ValueError(f"int4 needs group_size 32, 64 or 128, in_features divisible by it and out_features "
-                             f"divisible by {INT4_BLOCK}; got in_features={in_features}, out_features={out_features}, "
-                             f"group_size={group_size}")
+        if bits == 4 and (group_size not in (32, 64, 128) or in_features % group_size):
+            raise ValueError(f"int4 needs group_size 32, 64 or 128 and in_features divisible by it; got "
+                             f"in_features={in_features}, group_size={group_size}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))
         else:
-            blocks, groups = out_features // INT4_BLOCK, in_features // group_size
+            # out_features rounded up to whole blocks of 16 (the vocabulary of lm_head, 32003): the padding rows
+            # are zero and their outputs dropped
+            blocks, groups = -(-out_features // INT4_BLOCK), in_features // group_size
             self.register_buffer("qweight", torch.zeros(blocks, 8 * in_features, dtype=torch.uint8))
             self.register_buffer("scales", torch.ones(blocks, groups, INT4_BLOCK, dtype=torch.bfloat16))
             self.register_buffer("zeros", torch.zeros(blocks, groups, INT4_BLOCK, dtype=torch.bfloat16))
@@ -81,11 +83,12 @@ class QuantizedLinear(nn.Module):
             module.qweight = torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8)
             module.scales = scale.to(torch.bfloat16)
         else:
-            grouped = weight.reshape(linear.out_features, -1, group_size)
+            weight = F.pad(weight, (0, 0, 0, module.padded_rows - linear.out_features))
+            grouped = weight.reshape(module.padded_rows, -1, group_size)
             low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
             scale = ((high - low) / 15).clamp(min=1e-8)
             q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-            module.qweight = pack_int4(q.reshape(linear.out_features, -1))
+            module.qweight = pack_int4(q.reshape(module.padded_rows, -1))
             module.scales = interleave_rows(scale.to(torch.bfloat16))
             # w = (q - 8) * scale + zero, so the stored zero is the value at q = 8.
             module.zeros = interleave_rows((low + 8 * scale).to(torch.bfloat16))
@@ -94,10 +97,15 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         if self.bits == 8:
             return self.qweight.float() * self.scales.float()[:, None]
-        q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        q = unpack_int4(self.qweight).float().reshape(self.padded_rows, -1, self.group_size)
         scales, zeros = deinterleave_rows(self.scales).float(), deinterleave_rows(self.zeros).float()
         w = (q - 8) * scales[..., None] + zeros[..., None]
-        return w.reshape(self.out_features, self.in_features)
+        return w.reshape(self.padded_rows, self.in_features)[: self.out_features]
+
+    @property
+    def padded_rows(self) -> int:
+        """Rows as stored: out_features, rounded up to a whole block of 16 for int4."""
+        return self.out_features if self.bits == 8 else -(-self.out_features // INT4_BLOCK) * INT4_BLOCK
 
     def _torch_int4_pack(self) -> None:
         q = unpack_int4(self.qweight).to(torch.int32)
@@ -118,7 +126,7 @@ class QuantizedLinear(nn.Module):
         if y is None:
             many_rows = x2.shape[0] > kernels.MAX_ROWS
             y = self._matmul_by_blocks(x2) if many_rows and kernels.kernel_available() else self._torch_op(x2)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y[:, : self.out_features].reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     @staticmethod
     def parallel_forward(x: torch.Tensor, layers: tuple[QuantizedLinear, ...]) -> list[torch.Tensor] | None:
@@ -137,7 +145,7 @@ class QuantizedLinear(nn.Module):
             return None
         if ys is None:
             return None
-        return [y.reshape(*x.shape[:-1], m.out_features).to(x.dtype) for y, m in zip(ys, layers)]
+        return [y[:, : m.out_features].reshape(*x.shape[:-1], m.out_features).to(x.dtype) for y, m in zip(ys, layers)]
 
     def _decode_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
         if self.bits == 8:
@@ -159,9 +167,9 @@ class QuantizedLinear(nn.Module):
             if self.bits == 8:
                 weight = kernels.dequantize_int8(self.qweight[rows], self._fp32_scales()[rows])
             else:
-                blocks = slice(rows.start // INT4_BLOCK, rows.stop // INT4_BLOCK)
+                blocks = slice(rows.start // INT4_BLOCK, -(-rows.stop // INT4_BLOCK))
                 weight = kernels.dequantize_int4(self.qweight[blocks], self.scales[blocks], self.zeros[blocks],
-                                                 self.group_size)
+                                                 self.group_size)[: rows.stop - rows.start]
             out[:, rows] = xf @ weight.t()
         return out
 
@@ -208,17 +216,27 @@ def deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1])
 
 
-HEAD_METHOD = "int8"
+def head_method(method: str, lm_head: bool | str) -> str | None:
+    """The output head's method: the layers' (True), the one named ("int8" / "int4"), or None (False: float)."""
+    if lm_head is True:
+        return method
+    if lm_head is False or lm_head is None:
+        return None
+    if lm_head not in METHODS:
+        raise ValueError(f"quantize_lm_head={lm_head!r}: expected True, False or one of {METHODS}")
+    return lm_head
 
 
 def quantize_model(
-    model: nn.Module, method: str, group_size: int = 64, targets: str = DEFAULT_TARGETS, lm_head: bool = True
+    model: nn.Module, method: str, group_size: int = 64, targets: str = DEFAULT_TARGETS, lm_head: bool | str = True
 ) -> nn.Module:
     """Replace the matching Linear layers of `model` in place, one at a time (their float weight is freed);
-    `lm_head`: also quantize the output head to int8 (skipped when it shares the embeddings' weight)."""
+    `lm_head`: also quantize the output head, with the layers' method (True) or the one named ("int8" / "int4";
+    skipped when it shares the embeddings' weight)."""
     if method not in METHODS:
         raise ValueError(f"quantize={method!r} is not supported; choose one of {METHODS}")
     bits = 8 if method == "int8" else 4
+    head_bits = {None: None, "int8": 8, "int4": 4}[head_method(method, lm_head)]
     pattern = re.compile(targets)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
     if not names:
@@ -231,11 +249,11 @@ def quantize_model(
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         setattr(parent, child, quantized)
-    head = _quantizable_head(model) if lm_head else None
+    head = _quantizable_head(model) if head_bits else None
     if head is not None:
-        model.lm_head = QuantizedLinear.from_linear(head, 8)
+        model.lm_head = QuantizedLinear.from_linear(head, head_bits, group_size)
     model.config.extra["quantization_config"] = quantization_config(
-        method, group_size, targets, HEAD_METHOD if head is not None else None)
+        method, group_size, targets, head_method(method, lm_head) if head is not None else None)
     return model
 
 
@@ -247,7 +265,8 @@ def _quantizable_head(model: nn.Module) -> nn.Linear | None:
 
 
 def quantization_config(method: str, group_size: int, targets: str, lm_head: str | None = None) -> dict:
-    """`lm_head`: "int8" when the output head is quantized too, None (the key absent) when it stays float."""
+    """`lm_head`: "int8" / "int4" when the output head is quantized too, None (the key absent) when it stays
+    float."""
     config = {"quant_method": "idefics2", "method": method, "group_size": group_size, "targets": targets,
               "int4_layout": INT4_LAYOUT}
     return {**config, "lm_head": lm_head} if lm_head else config
@@ -266,9 +285,10 @@ def prepare_quantized_skeleton(model: nn.Module, config: dict) -> None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child,
                     QuantizedLinear(module.in_features, module.out_features, bits, config.get("group_size", 64)))
-    head_method = config.get("lm_head")
-    if head_method not in (None, HEAD_METHOD):
-        raise ValueError(f"this checkpoint's lm_head is quantized as {head_method!r}; only {HEAD_METHOD!r} is known")
-    head = _quantizable_head(model) if head_method else None  # a base Idefics2Model has no head
+    stored_head = config.get("lm_head")
+    if stored_head not in (None, *METHODS):
+        raise ValueError(f"this checkpoint's lm_head is quantized as {stored_head!r}; only 'int8' and 'int4' are known")
+    head = _quantizable_head(model) if stored_head else None  # a base Idefics2Model has no head
     if head is not None:
-        model.lm_head = QuantizedLinear(head.in_features, head.out_features, 8)
+        model.lm_head = QuantizedLinear(head.in_features, head.out_features, 8 if stored_head == "int8" else 4,
+                                        config.get("group_size", 64))

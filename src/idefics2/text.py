@@ -207,7 +207,8 @@ def decode_layer_weights(layer: MistralDecoderLayer, dtype: torch.dtype) -> tupl
         return (kernels.DECODE_FLOAT, *([m.weight for m in g] for g in groups), 0)
     if kind is QuantizedLinear:
         bits, group = projections[0].bits, projections[0].group_size
-        if any(m.bits != bits or m.qweight.device.type != "cpu" for m in projections):
+        if any(m.bits != bits or m.qweight.device.type != "cpu" or m.padded_rows != m.out_features
+               for m in projections):
             return None
         if bits == 8:
             return (kernels.DECODE_INT8, *([m.qweight for m in g] + [m._fp32_scales() for m in g] for g in groups), 0)
