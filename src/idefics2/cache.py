@@ -79,10 +79,23 @@ class KVCache:
         attention): returns (keys, values, the write position of each row [B], keys seen after the write)."""
         start = self._reserve(layer_idx, 1)
         keys = self.keys[layer_idx]
-        if self._positions is None or self._positions[1] != start or self._positions[0].device != keys.device:
-            # one small tensor per step, shared by the layers
-            self._positions = (torch.full((keys.shape[0],), start, dtype=torch.long, device=keys.device), start)
-        return keys, self.values[layer_idx], self._positions[0], start + 1
+        return keys, self.values[layer_idx], self._write_positions(start, keys.device), start + 1
+
+    def decode_slots(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, int] | None:
+        """`decode_slot` for every layer at once (keys and values as lists), or None where the layers are not at
+        the same length (then nothing is reserved)."""
+        start = self.lengths[0]
+        if any(n != start for n in self.lengths):
+            return None
+        for i in range(len(self.keys)):
+            self._reserve(i, 1)
+        return self.keys, self.values, self._write_positions(start, self.keys[0].device), start + 1
+
+    def _write_positions(self, start: int, device: torch.device) -> torch.Tensor:
+        """[B] filled with `start`: one small tensor per step, shared by the layers."""
+        if self._positions is None or self._positions[1] != start or self._positions[0].device != device:
+            self._positions = (torch.full((self.keys[0].shape[0],), start, dtype=torch.long, device=device), start)
+        return self._positions[0]
 
     def _grow(self, layer_idx: int, needed: int) -> None:
         old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
@@ -159,6 +172,16 @@ class SlotKVCache:
             positions = positions.clone()  # the write happens after the lengths move on
             self.lengths[:n] += 1
         return self.keys[layer_idx][:n], self.values[layer_idx][:n], positions, end
+
+    def decode_slots(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, int]:
+        """`decode_slot` for every layer at once (keys and values as lists)."""
+        n = self.active
+        positions = self.lengths[:n].clone()  # the writes happen after the lengths move on
+        end = int(positions.max()) + 1
+        if end > self.capacity:
+            raise ValueError(f"slot cache is full ({self.capacity} tokens per request)")
+        self.lengths[:n] += 1
+        return [k[:n] for k in self.keys], [v[:n] for v in self.values], positions, end
 
     def slot_view(self, slot: int) -> KVCache:
         """A batch-1 KVCache writing into `slot` (for prefilling a new request there)."""

@@ -219,6 +219,22 @@ def decode_layer_weights(layer: MistralDecoderLayer, dtype: torch.dtype) -> tupl
     return None
 
 
+def decode_stack_weights(layers: nn.ModuleList, dtype: torch.dtype) -> tuple | None:
+    """(ln1s, ln2s, eps, kind, qkv, o, gate_up, down, group, scale): every layer's `decode_layer_weights`
+    concatenated for `kernels.decode_layers`, or None unless all layers are plain, of one kind, on the CPU."""
+    plans = [decode_layer_weights(layer, dtype) for layer in layers]
+    attns = [layer.self_attn for layer in layers]
+    if (not plans or any(p is None for p in plans) or any(a.attn_implementation != "sdpa" for a in attns)
+            or len({(p[0], p[5]) for p in plans}) != 1 or len({a.scale for a in attns}) != 1
+            or len({layer.input_layernorm.eps for layer in layers}) != 1
+            or any(t.device.type != "cpu" for p in plans for group in p[1:5] for t in group)):
+        return None
+    kind, group = plans[0][0], plans[0][5]
+    return ([layer.input_layernorm.weight for layer in layers], [layer.post_attention_layernorm.weight for layer in layers],
+            layers[0].input_layernorm.eps, kind, *([t for p in plans for t in p[i]] for i in range(1, 5)), group,
+            attns[0].scale)
+
+
 class MistralModel(nn.Module):
     def __init__(self, config: MistralTextConfig) -> None:
         super().__init__()
@@ -254,6 +270,10 @@ class MistralModel(nn.Module):
                                       inputs_embeds.device, query_positions)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
+        if q_len == 1 and cache is not None and not (output_hidden_states or output_attentions):
+            fused = self.fused_decode(inputs_embeds, rope, mask, cache)
+            if fused is not None:
+                return self.norm(fused), None, None
         hidden = inputs_embeds
         all_hidden: list[torch.Tensor] = []
         all_attn: list[torch.Tensor] = []
@@ -276,3 +296,24 @@ class MistralModel(nn.Module):
             tuple(all_hidden) if output_hidden_states else None,
             tuple(all_attn) if output_attentions else None,
         )
+
+    def fused_decode(self, x: torch.Tensor, rope, mask, cache) -> torch.Tensor | None:
+        """Every layer of one decoding step in one op (`kernels.decode_layers`), or None where that does not apply
+        (autograd, a layer that is not the plain one, other devices): then the layers run one by one."""
+        if (torch.is_grad_enabled() or x.shape[0] > kernels.MAX_ROWS
+                or not kernels.decode_attention_applies(x, cache.keys[0])):
+            return None
+        key = ("layers", x.dtype)
+        if key not in cache.decode_plans:  # gathered once per cache, as the layers' own plans
+            cache.decode_plans[key] = decode_stack_weights(self.layers, x.dtype)
+        plan = cache.decode_plans[key]
+        if plan is None:
+            return None
+        slots = cache.decode_slots()
+        if slots is None:
+            return None
+        key_caches, value_caches, positions, kv_len = slots
+        cos, sin = rope
+        ln1, ln2, eps, kind, qkv, o, gate_up, down, group, scale = plan
+        return kernels.decode_layers(x, ln1, ln2, eps, kind, qkv, o, gate_up, down, group, cos, sin, key_caches,
+                                     value_caches, positions, mask, kv_len, scale)

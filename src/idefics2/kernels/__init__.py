@@ -319,6 +319,17 @@ def decode_layer(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: flo
                                value_cache, positions, key_valid, kv_len, scale)
 
 
+def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tensor], eps: float, kind: int,
+                  qkv: list[torch.Tensor], o: list[torch.Tensor], gate_up: list[torch.Tensor], down: list[torch.Tensor],
+                  group: int, cos: torch.Tensor, sin: torch.Tensor, key_caches: list[torch.Tensor],
+                  value_caches: list[torch.Tensor], positions: torch.Tensor, key_valid: torch.Tensor | None,
+                  kv_len: int, scale: float) -> torch.Tensor:
+    """`decode_layer` for every layer of the decoder in one op: the per-layer lists concatenated in layer order
+    (layer i's norms and caches at index i, its weights at i * the per-layer count)."""
+    return _ops().decode_layers(x, ln1, ln2, eps, kind, qkv, o, gate_up, down, group, cos, sin, key_caches,
+                                value_caches, positions, key_valid, kv_len, scale)
+
+
 # ---- training ------------------------------------------------------------------------------------------------
 _U32 = 0xFFFFFFFF
 _DROPOUT_CHUNK = 1 << 22  # elements per pass where seeded_dropout runs as torch ops

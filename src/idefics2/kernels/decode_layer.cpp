@@ -92,6 +92,27 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Te
   return out.reshape({B, 1, H});
 }
 
+// All the decoder's layers for one decoding step, one after the other in one op: the layers' lists concatenated
+// (layer i's q/k/v are qkv[i * 3 * per, ...), per as in decode_layer), one norm weight and one key / value cache
+// per layer. Saves the Python call of each layer (its arguments converted one by one: tens of microseconds).
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList ln2, double eps, int64_t kind,
+                         at::TensorList qkv, at::TensorList o, at::TensorList gate_up, at::TensorList down,
+                         int64_t group, const at::Tensor& cos, const at::Tensor& sin, at::TensorList key_caches,
+                         at::TensorList value_caches, const at::Tensor& positions,
+                         const c10::optional<at::Tensor>& key_valid, int64_t kv_len, double scale) {
+  const size_t layers = ln1.size();
+  const size_t per = kind == kFloat ? 1 : (kind == kInt8 ? 2 : 3);
+  TORCH_CHECK(ln2.size() == layers && key_caches.size() == layers && value_caches.size() == layers &&
+                  qkv.size() == 3 * per * layers && o.size() == per * layers && gate_up.size() == 2 * per * layers &&
+                  down.size() == per * layers, "decode_layers: one norm, cache and weight list per layer");
+  at::Tensor h = x;
+  for (size_t i = 0; i < layers; ++i)
+    h = decode_layer(h, ln1[i], ln2[i], eps, kind, qkv.slice(3 * per * i, 3 * per), o.slice(per * i, per),
+                     gate_up.slice(2 * per * i, 2 * per), down.slice(per * i, per), group, cos, sin, key_caches[i],
+                     value_caches[i], positions, key_valid, kv_len, scale);
+  return h;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(idefics2_kernels, m) {
@@ -99,4 +120,8 @@ TORCH_LIBRARY_FRAGMENT(idefics2_kernels, m) {
         "Tensor[] gate_up, Tensor[] down, int group, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
         "Tensor(b!) value_cache, Tensor positions, Tensor? key_valid, int kv_len, float scale) -> Tensor",
         &decode_layer);
+  m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, int kind, Tensor[] qkv, Tensor[] o, "
+        "Tensor[] gate_up, Tensor[] down, int group, Tensor cos, Tensor sin, Tensor(a!)[] key_caches, "
+        "Tensor(b!)[] value_caches, Tensor positions, Tensor? key_valid, int kv_len, float scale) -> Tensor",
+        &decode_layers);
 }
