@@ -695,6 +695,10 @@ inline void int4_blocks(const uint8_t* w, const uint16_t* scale, const uint16_t*
       for (int b = 0; b < BC; ++b) acc[r][b] = _mm512_setzero_si512();
 #pragma GCC unroll 2
     for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 8) {
+      // Near a block's end, prefetch the start of the block this stream reads next (RB blocks further on):
+      // the next pass's streams then start warm instead of stalling on their first lines.
+      const int64_t ahead = 8 * k + kInt4Prefetch < block_bytes ? kInt4Prefetch
+                                                                : kInt4Prefetch + (RB - 1) * block_bytes;
       __m512i xa[BC], xb[BC];
 #pragma GCC unroll 8
       for (int b = 0; b < BC; ++b) {
@@ -704,7 +708,7 @@ inline void int4_blocks(const uint8_t* w, const uint16_t* scale, const uint16_t*
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r) {
         const uint8_t* p = w + r * block_bytes + 8 * k;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kInt4Prefetch, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p) + ahead, _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(p);
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
 #pragma GCC unroll 8
@@ -752,6 +756,9 @@ void int4_block_range(const uint8_t* w, const uint16_t* scale, const uint16_t* z
     }
   };
   int64_t blk = blk0;
+  for (int64_t b = blk0; b < std::min(blk1, blk0 + RB); ++b)  // the first streams' first lines: no cold start
+    for (int64_t off = 0; off < kInt4Prefetch; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + b * block_bytes + off), _MM_HINT_T0);
   for (; blk + RB <= blk1; blk += RB) passes(Rows<RB>{}, blk);
   for (; blk < blk1; ++blk) passes(Rows<1>{}, blk);
 }
