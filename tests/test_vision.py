@@ -39,3 +39,26 @@ def test_vision_tower_matches_reference_with_padding_masks():
         b = ours.eval()(pixels, mask)
     valid = mask.reshape(3, -1)
     assert (a[valid] - b[valid]).abs().max() <= 1e-5
+
+
+def test_inference_overwrites_activations_in_place_but_not_what_hooks_keep():
+    """Without autograd, residual sums and activations are written into the tensors they consume (the same bits as
+    out of place); an output a forward hook has seen is left alone."""
+    from idefics2.layers import overwritable
+
+    torch.manual_seed(0)
+    tower = Idefics2VisionTransformer(Idefics2VisionConfig.from_dict(tiny_config_dict()["vision_config"])).eval()
+    pixels = torch.rand(2, 3, 56, 56)
+    mlp = tower.encoder.layers[0].mlp
+    with torch.no_grad():
+        assert overwritable(mlp.fc1)
+        in_place = tower(pixels)
+    out_of_place = tower(pixels)  # autograd on: fresh tensors all the way
+    assert out_of_place.requires_grad and torch.equal(in_place, out_of_place.detach())
+    kept = []
+    handle = mlp.fc1.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
+    with torch.no_grad():
+        assert not overwritable(mlp.fc1)
+        assert torch.equal(tower(pixels), in_place)
+    handle.remove()
+    assert torch.equal(*kept[0])  # the hook's tensor was not overwritten by the activation

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import Idefics2Config, Idefics2PerceiverConfig
-from .layers import GatedMLP, Linear, RMSNorm, attention, key_padding_mask
+from .layers import GatedMLP, Linear, RMSNorm, add_residual, attention, key_padding_mask
 
 
 class Idefics2PerceiverAttention(nn.Module):
@@ -51,10 +51,9 @@ class Idefics2PerceiverLayer(nn.Module):
         self.mlp = GatedMLP(d, 4 * d, d, config.hidden_act)
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        latents = latents + self.self_attn(
-            self.input_latents_norm(latents), self.input_context_norm(context), mask
-        )
-        return latents + self.mlp(self.post_attention_layernorm(latents))
+        attended = self.self_attn(self.input_latents_norm(latents), self.input_context_norm(context), mask)
+        latents = add_residual(latents, attended, self.self_attn, self.self_attn.o_proj)
+        return add_residual(latents, self.mlp(self.post_attention_layernorm(latents)), self.mlp, self.mlp.down_proj)
 
 
 class Idefics2PerceiverResampler(nn.Module):

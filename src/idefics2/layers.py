@@ -18,8 +18,35 @@ _ACTIVATIONS = {
 }
 
 
-def activation(name: str):
-    return _ACTIVATIONS[name]
+# The same functions overwriting their input (bit-identical results), for `overwritable` outputs.
+_INPLACE_ACTIVATIONS = {
+    "silu": lambda x: F.silu(x, inplace=True),
+    "relu": lambda x: F.relu(x, inplace=True),
+    "gelu": lambda x: torch.ops.aten.gelu_(x),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+}
+
+
+def activation(name: str, inplace: bool = False):
+    return (_INPLACE_ACTIVATIONS if inplace else _ACTIVATIONS)[name]
+
+
+def overwritable(*producers: nn.Module) -> bool:
+    """Whether the outputs of `producers` may be overwritten in place: autograd is off (nothing records them) and
+    no forward hook, theirs or global, could have kept a reference. Inference then reuses an activation instead
+    of allocating (and page-faulting in) a fresh one per op: 15% of the vision tower's time at batch 8."""
+    return (not torch.is_grad_enabled() and not getattr(nn.modules.module, "_global_forward_hooks", None)
+            and not any(m._forward_hooks for m in producers))
+
+
+def add_residual(x: torch.Tensor, update: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
+    """x + update, written into `update` where it is `overwritable(*producers)` (addition commutes: the same
+    bits) and shares no memory with x."""
+    if (update.shape == x.shape and update.dtype == x.dtype and update.is_contiguous() and overwritable(*producers)
+            and update.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
+        return update.add_(x)
+    return x + update
 
 
 class RMSNorm(nn.Module):
@@ -73,12 +100,15 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, output_size, bias=False)
         self.act = activation(hidden_act)
+        self.act_inplace = activation(hidden_act, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = parallel_linears(x, self.gate_proj, self.up_proj)
         if (self.act is F.silu and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
                 and not _saved_tensors_managed()):
             return _down_of_swiglu(self.down_proj, gate, up)
+        if overwritable(self.gate_proj, self.up_proj) and gate.shape == up.shape and gate.dtype == up.dtype:
+            return self.down_proj(self.act_inplace(gate).mul_(up))
         return self.down_proj(self.act(gate) * up)
 
 

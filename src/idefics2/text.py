@@ -9,7 +9,7 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import MistralTextConfig
-from .layers import GatedMLP, Linear, RMSNorm, attention, parallel_linears
+from .layers import GatedMLP, Linear, RMSNorm, add_residual, attention, parallel_linears
 from .quantize import QuantizedLinear
 
 
@@ -163,8 +163,8 @@ class MistralDecoderLayer(nn.Module):
             if fused is not None:
                 return fused, None
         attn_out, weights = self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, output_attentions)
-        x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), weights
+        x = add_residual(x, attn_out, self.self_attn, self.self_attn.o_proj)
+        return add_residual(x, self.mlp(self.post_attention_layernorm(x)), self.mlp, self.mlp.down_proj), weights
 
     def fused_decode(self, x, rope, mask, cache) -> torch.Tensor | None:
         """This layer for one decoding step as one compiled op (`kernels.decode_layer`: the same kernels, without

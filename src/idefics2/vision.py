@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import Idefics2VisionConfig
-from .layers import Linear, activation, attention, key_padding_mask
+from .layers import Linear, activation, add_residual, attention, key_padding_mask, overwritable
 
 
 def patch_position_ids(patch_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
@@ -80,9 +80,11 @@ class Idefics2VisionMLP(nn.Module):
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
+        self.act_inplace = activation(config.hidden_act, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        act = self.act_inplace if overwritable(self.fc1) else self.act
+        return self.fc2(act(self.fc1(x)))
 
 
 class Idefics2EncoderLayer(nn.Module):
@@ -96,8 +98,8 @@ class Idefics2EncoderLayer(nn.Module):
         self.mlp = Idefics2VisionMLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = add_residual(x, self.self_attn(self.layer_norm1(x), mask), self.self_attn, self.self_attn.out_proj)
+        return add_residual(x, self.mlp(self.layer_norm2(x)), self.mlp, self.mlp.fc2)
 
 
 class Idefics2Encoder(nn.Module):
