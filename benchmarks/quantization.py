@@ -119,13 +119,17 @@ def run(which: str, path: str, batches: str, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def accuracy(path: str, n_prompts: int = 8, length: int = 64) -> list[tuple[str, float, float, float]]:
+def accuracy(path: str, n_prompts: int = 8, length: int = 64) -> list[tuple[str, float, float, float, float]]:
+    """Per method: relative logit error vs our bf16, top-1 agreement (all / upper-half-margin positions), and
+    the relative difference between its decoding path (the kernels, token by token from the KV cache: int4
+    rounds activations to int8 per group) and its prefill path on the same positions."""
     import torch
 
     from idefics2 import Idefics2ForConditionalGeneration
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 30000, (n_prompts, length), generator=g)
+    half = length // 2
     with torch.inference_mode():
         ref = Idefics2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)(input_ids=ids).logits.float()
         top2 = ref.topk(2, dim=-1).values
@@ -137,7 +141,14 @@ def accuracy(path: str, n_prompts: int = 8, length: int = 64) -> list[tuple[str,
             logits = model(input_ids=ids).logits.float()
             rel = ((logits - ref).norm() / ref.norm()).item()
             agree = (logits.argmax(-1) == ref.argmax(-1)).flatten()
-            rows.append((method, rel, agree.float().mean().item(), agree[confident].float().mean().item()))
+            out = model(input_ids=ids[:, :half], use_cache=True)
+            stepped = [out.logits[:, -1:].float()]
+            for t in range(half, length - 1):
+                out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                stepped.append(out.logits.float())
+            prefilled = logits[:, half - 1:length - 1]  # the positions the steps predicted from
+            decode_rel = ((torch.cat(stepped, dim=1) - prefilled).norm() / prefilled.norm()).item()
+            rows.append((method, rel, agree.float().mean().item(), agree[confident].float().mean().item(), decode_rel))
     return rows
 
 
@@ -190,9 +201,10 @@ def main() -> None:
                       f"MiB in tensors, ~{text_rss:.0f} MiB of the peak = {text_rss / bf16_text:.2f}x bf16's")
         else:
             print("stored checkpoints failed:", {k: r.get("error") for k, r in stored.items()})
-        for method, rel, top1, top1_confident in accuracy(path):
+        for method, rel, top1, top1_confident, decode_rel in accuracy(path):
             print(f"{method}: relative logit error {rel:.4f}, top-1 agreement {top1:.3f} "
-                  f"({top1_confident:.3f} on the upper-half-margin positions)")
+                  f"({top1_confident:.3f} on the upper-half-margin positions); decoding path vs prefill path: "
+                  f"{decode_rel:.4f} relative")
 
 
 if __name__ == "__main__":
