@@ -1,6 +1,7 @@
 """Prefill latency and decode speed: idefics2 vs transformers generate, measured in one run.
 
     python benchmarks/generate.py [--preset medium] [--dtypes float32,bfloat16] [--batches 1,8] [--new-tokens 64]
+                                  [--prefill-rounds N]
 
 Workload: one 378x378 image + 40 text tokens per row, greedy, `--new-tokens` new tokens (eos disabled so
 every run decodes the same number of steps). Each generate() call is timed token by token through its
@@ -69,6 +70,24 @@ def timed_generate(models: dict, inputs: dict, new_tokens: int, repeats: int, **
             for name in models}
 
 
+def paired_prefill(ours, ref, inputs: dict, rounds: int, gen: dict) -> str:
+    """Prefill alone (one new token), round after round, the library going first alternating: medians and the
+    rounds each was faster in (this machine drifts by 10% within minutes; pairs see the same drift)."""
+    times = {"ours": [], "transformers": []}
+    with torch.inference_mode():
+        for i in range(rounds + 1):  # the first round warms up
+            order = [("ours", ours), ("transformers", ref)]
+            for name, model in order if i % 2 else order[::-1]:
+                start = time.perf_counter()
+                model.generate(**inputs, **{**gen, "max_new_tokens": 1})
+                if i:
+                    times[name].append(time.perf_counter() - start)
+    ours_ms, ref_ms = (1e3 * statistics.median(times[n]) for n in ("ours", "transformers"))
+    wins = sum(a < b for a, b in zip(times["ours"], times["transformers"]))
+    return (f"prefill alone, {rounds} paired rounds: {ref_ms:.0f} vs {ours_ms:.0f} ms ({ref_ms / ours_ms:.2f}x), "
+            f"ours faster in {wins} of {rounds}")
+
+
 def decode_weight_bytes(model) -> int:
     text = model.model.text_model
     layers = sum(p.numel() * p.element_size() for p in text.layers.parameters())
@@ -83,6 +102,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
     parser.add_argument("--checkpoint")
+    parser.add_argument("--prefill-rounds", type=int, default=0,
+                        help="also time prefill alone (generate with one new token) over this many paired rounds, "
+                             "the libraries alternating which goes first, and count the rounds each wins")
     args = parser.parse_args()
 
     import json
@@ -119,6 +141,8 @@ def main() -> None:
                 (p_ref, t_ref, o_ref), (p_ours, t_ours, o_ours) = results["transformers"], results["idefics2"]
                 same = "identical" if torch.equal(o_ref, o_ours) else "DIFFERENT"
                 print(f"{'':18}ratio: prefill {p_ref / p_ours:.2f}x, decode {t_ours / t_ref:.2f}x; outputs {same}")
+                if args.prefill_rounds:
+                    print(f"{'':18}{paired_prefill(ours, ref, inputs, args.prefill_rounds, gen)}")
             del ours, ref
 
 
