@@ -40,23 +40,23 @@ def weight_bytes(
     """Bytes of the parameters as loaded; `quantize` ("int8", "int4", "nf4") applies to the text decoder layers,
     and idefics2's int8 / int4 also to an untied `lm_head` (`quantize_lm_head` as in `from_pretrained`)."""
     from .modeling import Idefics2ForConditionalGeneration, empty_weights
-    from .quantize import head_method
+    from .quantize import head_method, int4_rows
 
     with empty_weights():
         model = Idefics2ForConditionalGeneration(config)
+    head = (head_method(quantize, quantize_lm_head) if quantize in ("int8", "int4") and not config.tie_word_embeddings
+            else None)
     total = 0
     for name, param in model.named_parameters():
         n = param.numel()
         is_text_linear = name.startswith("model.text_model.layers.") and param.dim() == 2
-        quantized_head = (name == "lm_head.weight" and quantize in ("int8", "int4")
-                          and not config.tie_word_embeddings and head_method(quantize, quantize_lm_head))
-        method = head_method(quantize, quantize_lm_head) if quantized_head else quantize if is_text_linear else None
+        method = head if name == "lm_head.weight" else quantize if is_text_linear else None
         if method:
             out_features, in_features = param.shape
             if method == "int8":
                 total += n + 2 * out_features  # int8 weight + bf16 scale per row
-            elif method == "int4":  # rows padded to blocks of 16; two nibbles a byte + bf16 scale and zero per group
-                rows = -(-out_features // 16) * 16
+            elif method == "int4":  # rows padded to whole blocks; two nibbles a byte + bf16 scale and zero per group
+                rows = int4_rows(out_features)
                 total += rows * in_features // 2 + 4 * (rows * in_features // group_size)
             else:  # bitsandbytes nf4: 4-bit weight + one absmax per 64 values (double quant ignored)
                 total += n // 2 + 4 * (n // 64)

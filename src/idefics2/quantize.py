@@ -35,6 +35,12 @@ DEFAULT_TARGETS = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|m
 
 INT4_LAYOUT = "x16"
 INT4_BLOCK = 16  # output rows interleaved per block in the x16 layout
+BITS = {"int8": 8, "int4": 4}
+
+
+def int4_rows(out_features: int) -> int:
+    """Rows an int4 weight stores: out_features rounded up to a whole x16 block (the padding rows are zero)."""
+    return -(-out_features // INT4_BLOCK) * INT4_BLOCK
 
 
 class QuantizedLinear(nn.Module):
@@ -46,7 +52,7 @@ class QuantizedLinear(nn.Module):
     w = (q - 8) * scale + zero.
     Up to 16 rows (decoding) run on idefics2's streaming kernels; more rows (prefill) dequantize a block of rows
     at a time to fp32 for the GEMM library; where the kernels cannot be built (or, for int4 decoding, the CPU
-    lacks AVX512-BF16) torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are used.
+    lacks AVX512-VNNI) torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are used.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64) -> None:
@@ -61,9 +67,8 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))
         else:
-            # out_features rounded up to whole blocks of 16 (the vocabulary of lm_head, 32003): the padding rows
-            # are zero and their outputs dropped
-            blocks, groups = -(-out_features // INT4_BLOCK), in_features // group_size
+            # whole blocks of 16 rows (the vocabulary of lm_head is 32003): the padding rows' outputs are dropped
+            blocks, groups = int4_rows(out_features) // INT4_BLOCK, in_features // group_size
             self.register_buffer("qweight", torch.zeros(blocks, 8 * in_features, dtype=torch.uint8))
             self.register_buffer("scales", torch.ones(blocks, groups, INT4_BLOCK, dtype=torch.bfloat16))
             self.register_buffer("zeros", torch.zeros(blocks, groups, INT4_BLOCK, dtype=torch.bfloat16))
@@ -105,7 +110,7 @@ class QuantizedLinear(nn.Module):
     @property
     def padded_rows(self) -> int:
         """Rows as stored: out_features, rounded up to a whole block of 16 for int4."""
-        return self.out_features if self.bits == 8 else -(-self.out_features // INT4_BLOCK) * INT4_BLOCK
+        return self.out_features if self.bits == 8 else int4_rows(self.out_features)
 
     def _torch_int4_pack(self) -> None:
         q = unpack_int4(self.qweight).to(torch.int32)
@@ -235,8 +240,7 @@ def quantize_model(
     skipped when it shares the embeddings' weight)."""
     if method not in METHODS:
         raise ValueError(f"quantize={method!r} is not supported; choose one of {METHODS}")
-    bits = 8 if method == "int8" else 4
-    head_bits = {None: None, "int8": 8, "int4": 4}[head_method(method, lm_head)]
+    head_kind = head_method(method, lm_head)
     pattern = re.compile(targets)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
     if not names:
@@ -245,15 +249,15 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         try:
-            quantized = QuantizedLinear.from_linear(getattr(parent, child), bits, group_size)
+            quantized = QuantizedLinear.from_linear(getattr(parent, child), BITS[method], group_size)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         setattr(parent, child, quantized)
-    head = _quantizable_head(model) if head_bits else None
+    head = _quantizable_head(model) if head_kind else None
     if head is not None:
-        model.lm_head = QuantizedLinear.from_linear(head, head_bits, group_size)
+        model.lm_head = QuantizedLinear.from_linear(head, BITS[head_kind], group_size)
     model.config.extra["quantization_config"] = quantization_config(
-        method, group_size, targets, head_method(method, lm_head) if head is not None else None)
+        method, group_size, targets, head_kind if head is not None else None)
     return model
 
 
@@ -274,7 +278,7 @@ def quantization_config(method: str, group_size: int, targets: str, lm_head: str
 
 def prepare_quantized_skeleton(model: nn.Module, config: dict) -> None:
     """Before loading a quantized checkpoint: put empty QuantizedLinear modules where it has them."""
-    bits = 8 if config["method"] == "int8" else 4
+    bits = BITS[config["method"]]
     if bits == 4 and config.get("int4_layout") != INT4_LAYOUT:
         raise ValueError(f"this int4 checkpoint uses the layout {config.get('int4_layout', 'pairs')!r} of an earlier "
                          f"idefics2 version (now {INT4_LAYOUT!r}); quantize the float checkpoint again with "
@@ -290,5 +294,5 @@ def prepare_quantized_skeleton(model: nn.Module, config: dict) -> None:
         raise ValueError(f"this checkpoint's lm_head is quantized as {stored_head!r}; only 'int8' and 'int4' are known")
     head = _quantizable_head(model) if stored_head else None  # a base Idefics2Model has no head
     if head is not None:
-        model.lm_head = QuantizedLinear(head.in_features, head.out_features, 8 if stored_head == "int8" else 4,
+        model.lm_head = QuantizedLinear(head.in_features, head.out_features, BITS[stored_head],
                                         config.get("group_size", 64))

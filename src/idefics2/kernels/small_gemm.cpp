@@ -422,6 +422,15 @@ inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> fp32: a 16-bit shift
 }
 inline __m512 load16(const c10::BFloat16* p) { return load16(reinterpret_cast<const uint16_t*>(p)); }
 
+// max |x[k]| over k in [0, n), n a multiple of 16 (an activation's scale before it is quantized).
+template <typename XT>
+inline float abs_max(const XT* x, int64_t n) {
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) m = _mm512_max_ps(m, _mm512_and_ps(load16(x + k), sign_off));
+  return _mm512_reduce_max_ps(m);
+}
+
 // The K blocks and batch chunks of C rows of one group of weight rows: block(Rows<nb>{}, b0, k0, k1, prefetch)
 // adds K range [k0, k1) for batch rows b0..b0+nb-1. All of K at once when the batch fits one chunk, else
 // `kblock` at a time, so each chunk re-reads the block's weights from L1 rather than memory.
@@ -462,14 +471,11 @@ QuantizedX quantize_x(const XT* x, int64_t B, int64_t K) {
   qx.chunks = (K + kVnniChunk - 1) / kVnniChunk;
   qx.q.resize(static_cast<size_t>(B * K));
   qx.scale.resize(static_cast<size_t>(B * qx.chunks));
-  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < qx.chunks; ++c) {
       const int64_t k0 = c * kVnniChunk, k1 = std::min(K, k0 + kVnniChunk);
       const XT* xr = x + b * K;
-      __m512 m = _mm512_setzero_ps();
-      for (int64_t k = k0; k < k1; k += 16) m = _mm512_max_ps(m, _mm512_and_ps(load16(xr + k), sign_off));
-      const float amax = _mm512_reduce_max_ps(m);
+      const float amax = abs_max(xr + k0, k1 - k0);
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
       qx.scale[b * qx.chunks + c] = amax > 0.f ? amax / 32767.f : 0.f;
       const __m512 vinv = _mm512_set1_ps(inv);
@@ -638,13 +644,10 @@ Int4X quantize_x_int8(const XT* x, int64_t B, int64_t K, int64_t group) {
   const int64_t G = K / group;
   Int4X qx{std::vector<int8_t>(static_cast<size_t>(B * K)), std::vector<float>(static_cast<size_t>(B * G)),
            std::vector<float>(static_cast<size_t>(B * G))};
-  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < G; ++g) {
       const XT* xr = x + b * K + g * group;
-      __m512 m = _mm512_setzero_ps();
-      for (int64_t k = 0; k < group; k += 16) m = _mm512_max_ps(m, _mm512_and_ps(load16(xr + k), sign_off));
-      const float amax = _mm512_reduce_max_ps(m);
+      const float amax = abs_max(xr, group);
       const float sx = amax / 127.f;
       const __m512 vinv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       int8_t* qr = qx.q.data() + b * K + g * group;
