@@ -402,20 +402,77 @@ def test_bf16_prefill_linear_through_fp32_gemm(bias, monkeypatch):
     monkeypatch.setattr(K, "_bf16_gemm_is_slow", lambda: True)
     monkeypatch.setattr(K, "WIDE_BLOCK_BYTES", 256 * 4 * 200)  # several blocks of 256 rows
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 40, 200, generator=g).bfloat16()
+    x = torch.randn(3, 50, 200, generator=g).bfloat16()  # 150 rows: beyond the prefill kernel's 128
     w = (torch.randn(700, 200, generator=g) / 200**0.5).bfloat16()
     b = torch.randn(700, generator=g).bfloat16() if bias else None
     calls = []
     real = K._bf16_linear_in_fp32
     monkeypatch.setattr(K, "_bf16_linear_in_fp32", lambda *a: calls.append(1) or real(*a))
     out = small_batch_linear(x, w, b)
-    assert calls and out.dtype == torch.bfloat16 and out.shape == (3, 40, 700)
+    assert calls and out.dtype == torch.bfloat16 and out.shape == (3, 50, 700)
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     # one rounding to bf16 (unit roundoff 2**-8) on top of fp32 accumulation error
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
     calls.clear()
     small_batch_linear(x.requires_grad_(), w, b)
     assert not calls
+
+
+needs_prefill_kernel = pytest.mark.skipif(
+    not kernel_available() or not K._prefill_supported(), reason="the prefill kernel needs AVX-512")
+
+
+def _exact_linear(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m, n, k", [(17, 37, 1000), (128, 64, 2100), (40, 700, 200), (23, 5, 16), (6, 9, 1)])
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.bfloat16, torch.bfloat16)])
+def test_prefill_gemm_matches_the_exact_product(m, n, k, bias, x_dtype, w_dtype):
+    """Row and column tails (N not a multiple of 4, M of 6, K of 16), several K blocks (2100 > 1024), K = 1: fp32
+    sums within fp32 rounding of the exact product; bf16 output rounded once."""
+    x, w, b = _data(m, n, k, w_dtype, bias)
+    x = x.to(x_dtype)
+    out = K._ops().prefill_gemm(x, w, b)
+    assert out.dtype == x_dtype and out.shape == (m, n)
+    exact = _exact_linear(x, w, b)
+    scale = (x.double().abs() @ w.double().abs().t()) + (0 if b is None else b.double().abs())
+    tol = scale * (2**-8 if x_dtype == torch.bfloat16 else 1e-6) + 1e-7
+    assert ((out.double() - exact).abs() <= tol).all()
+
+
+@needs_prefill_kernel
+def test_bf16_prefill_rows_use_the_prefill_kernel(monkeypatch):
+    """bf16 weights at 17..128 rows (without AMX) go through prefill_gemm; 129 rows, fp32 weights and autograd
+    do not; results equal the op's own."""
+    monkeypatch.setattr(K, "_bf16_gemm_is_slow", lambda: True)
+    calls = []
+    real = K._ops()
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            return (lambda *a: calls.append(name) or op(*a)) if name == "prefill_gemm" else op
+
+    monkeypatch.setattr(K, "_ops", lambda: Counting())
+    x, w, b = _data(2 * 60, 300, 512, torch.bfloat16, bias=True)
+    x = x.bfloat16().reshape(2, 60, 512)
+    y = small_batch_linear(x, w, b)
+    assert calls == ["prefill_gemm"] and y.shape == (2, 60, 300)
+    assert torch.equal(y, real.prefill_gemm(x.reshape(120, 512), w, b).reshape(2, 60, 300))
+    calls.clear()
+    small_batch_linear(torch.cat([x.reshape(120, 512), x[0, :9]]), w, b)  # 129 rows
+    small_batch_linear(x.float(), w.float(), b.float())  # fp32: MKL
+    small_batch_linear(x.float().requires_grad_(), w, b)  # autograd
+    assert not calls
+    monkeypatch.setattr(K, "_bf16_gemm_is_slow", lambda: False)  # AMX: oneDNN's bf16 GEMM for bf16 x ...
+    small_batch_linear(x, w, b)
+    assert not calls
+    small_batch_linear(x.float(), w, b)  # ... but fp32 x with bf16 weight still avoids widening all of it
+    assert calls == ["prefill_gemm"]
 
 
 # ---- seeded dropout (LoRA training) ----------------------------------------------------------------------------

@@ -35,9 +35,14 @@ MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this 
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
 # the kernel), so F.linear keeps those; bf16 and mixed weights use the kernel at every size.
 FP32_MIN_ROWS = 3
+# bf16 weights at 17..128 rows on AVX-512 machines without AMX: `prefill_gemm` widens each group of weight rows in
+# L1 instead of widening whole blocks into an fp32 copy for MKL (`_bf16_linear_in_fp32`): 1.26-1.28x at 64-107 rows,
+# slower from ~256 rows on (see prefill_gemm.cpp). fp32 weights stay with MKL at every size above MAX_ROWS.
+PREFILL_MAX_ROWS = 128
+_prefill_enabled = {"on": os.environ.get("IDEFICS2_PREFILL_GEMM", "1") != "0"}
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp", "dropout.cpp",
-                         "memory_pool.cpp")]
+                         "memory_pool.cpp", "prefill_gemm.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -109,6 +114,12 @@ def _ops():
     return _state["op"]
 
 
+@functools.cache
+def _prefill_supported() -> bool:
+    op = _ops()
+    return op is not None and bool(op.prefill_gemm_supported())
+
+
 def kernel_available() -> bool:
     """True when the compiled kernel is loaded (building it now if it was not tried yet)."""
     return _ops() is not None
@@ -120,23 +131,34 @@ def kernel_status() -> str:
     return _state["status"]
 
 
-def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _kernel_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Which compiled op serves F.linear(x, weight, bias): "small" (decoding: <= MAX_ROWS rows), "prefill"
+    (bf16 weights, up to PREFILL_MAX_ROWS rows, AVX-512 machines) or None (F.linear / `_fallback`)."""
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1:
-        return False
+        return None
     if weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous():
-        return False
+        return None
     if not (x.dtype == weight.dtype or (x.dtype == torch.float32 and weight.dtype == torch.bfloat16)):
-        return False
+        return None
     rows = math.prod(x.shape[:-1])
-    if x.shape[-1] != weight.shape[1] or rows > MAX_ROWS:
-        return False
+    if x.shape[-1] != weight.shape[1] or rows > PREFILL_MAX_ROWS:
+        return None
     if weight.dtype == torch.float32 and rows < FP32_MIN_ROWS:
-        return False
+        return None
     if bias is not None and (
         bias.device.type != "cpu" or bias.shape != (weight.shape[0],) or bias.dtype not in (x.dtype, weight.dtype)
     ):
-        return False
-    return not _needs_grad(x, weight, bias)  # the kernel has no backward
+        return None
+    if _needs_grad(x, weight, bias):  # the kernels have no backward
+        return None
+    if rows <= MAX_ROWS:
+        return "small"
+    if weight.dtype != torch.bfloat16 or not _prefill_enabled["on"]:
+        return None
+    # with AMX, oneDNN's bf16 GEMM is the fast path; fp32 x with bf16 weight would otherwise widen all of it
+    if x.dtype == torch.bfloat16 and not _bf16_gemm_is_slow():
+        return None
+    return "prefill" if _prefill_supported() else None
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -173,17 +195,18 @@ def _fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the streaming kernel when x has <= 16 rows.
+    """F.linear(x, weight, bias), through the streaming kernel when x has <= 16 rows (and bf16 weights through
+    the prefill kernel up to 128 rows).
 
     Also accepts fp32 x with bf16 weight (result fp32, weights widened to fp32), which F.linear rejects.
     """
-    if not _kernel_applies(x, weight, bias):
-        return _fallback(x, weight, bias)
-    op = _ops()
+    kind = _kernel_for(x, weight, bias)
+    op = _ops() if kind is not None else None
     if op is None:
         return _fallback(x, weight, bias)
     lead = x.shape[:-1]
-    y = op.small_gemm(x.reshape(-1, x.shape[-1]), weight, bias)
+    gemm = op.small_gemm if kind == "small" else op.prefill_gemm
+    y = gemm(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -193,7 +216,7 @@ def small_batch_linears(x: torch.Tensor, weights: list[torch.Tensor]) -> list[to
     One call packs x once and wakes the threads once for all the weights (q/k/v, gate/up at decode time).
     """
     if len(weights) < 2 or any(w.dtype != weights[0].dtype for w in weights) \
-            or not all(_kernel_applies(x, w, None) for w in weights):
+            or not all(_kernel_for(x, w, None) == "small" for w in weights):
         return [small_batch_linear(x, w) for w in weights]
     op = _ops()
     if op is None:
