@@ -391,8 +391,22 @@ def test_decode_attention_row_without_visible_keys_is_zero():
 def test_decode_attention_rejects_positions_outside_the_keys():
     caches = [torch.zeros(1, 1, 8, 64) for _ in range(2)]
     x = torch.zeros(1, 1, 64)
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(RuntimeError, match="position 5 outside the 5 keys"):
         K.decode_attention(x, x, x, x, x, *caches, torch.tensor([5]), None, 5, 0.125)
+    with pytest.raises(RuntimeError, match="kv_len 9 outside the capacity 8"):
+        K.decode_attention(x, x, x, x, x, *caches, torch.tensor([0]), None, 9, 0.125)
+
+
+@needs_kernel
+def test_kernel_errors_format_their_numbers():
+    """Messages with numbers are formatted into one C string (check.h: a crash on one GCC 13 build otherwise)."""
+    op = K._ops()
+    with pytest.raises(RuntimeError, match="small_gemm: at most 16 rows"):
+        op.small_gemm(torch.zeros(17, 8), torch.zeros(4, 8), None)
+    if op.has_int4():
+        q, s = torch.zeros(1, 8 * 48, dtype=torch.uint8), torch.zeros(1, 1, 16, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match=r"dequantize_int4: K \(48\) must be a multiple of the group size 32"):
+            op.dequantize_int4(q, s, s, 32)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "rope.h"
+#include "check.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -225,9 +226,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B, "decode_attention: int64 positions [B]");
   const at::Tensor pos = positions.contiguous();
   const int64_t* p = pos.data_ptr<int64_t>();
-  TORCH_CHECK(kv_len >= 1 && kv_len <= cap, "decode_attention: kv_len ", kv_len, " outside the capacity ", cap);
+  IDEFICS2_CHECK(kv_len >= 1 && kv_len <= cap, "decode_attention: kv_len %lld outside the capacity %lld",
+                 static_cast<long long>(kv_len), static_cast<long long>(cap));
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(p[b] >= 0 && p[b] < kv_len, "decode_attention: position ", p[b], " outside the ", kv_len, " keys");
+    IDEFICS2_CHECK(p[b] >= 0 && p[b] < kv_len, "decode_attention: position %lld outside the %lld keys",
+                   static_cast<long long>(p[b]), static_cast<long long>(kv_len));
   const bool* valid = nullptr;
   int64_t row_stride = 0, stride = 1;
   if (key_valid.has_value()) {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include "check.h"
 
 #include <algorithm>
 #if defined(__AVX512F__)
@@ -109,16 +110,16 @@ inline void dots(const float* v, const float* w, int64_t K, int64_t R, float* ou
 }
 
 void check_lora_operands(const at::Tensor& x, const at::Tensor& w, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, name, ": float32 x and weight");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.is_contiguous() && w.is_contiguous(),
-              name, ": contiguous x [N, K] and weight [R, K]");
-  TORCH_CHECK(x.numel() <= (int64_t{1} << 32), name, ": at most 2^32 elements");
+  IDEFICS2_CHECK(x.device().is_cpu() && w.device().is_cpu(), "%s: CPU tensors only", name);
+  IDEFICS2_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "%s: float32 x and weight", name);
+  IDEFICS2_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.is_contiguous() && w.is_contiguous(),
+                 "%s: contiguous x [N, K] and weight [R, K]", name);
+  IDEFICS2_CHECK(x.numel() <= (int64_t{1} << 32), "%s: at most 2^32 elements", name);
 }
 
 void check_grad(const at::Tensor& grad, int64_t rows, int64_t rank, const char* name) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == rows &&
-                  grad.size(1) == rank, name, ": contiguous float32 grad [N, R]");
+  IDEFICS2_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == rows &&
+                     grad.size(1) == rank, "%s: contiguous float32 grad [N, R]", name);
 }
 
 // Rows per task: ~32K elements of x.

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include "check.h"
 #include <pthread.h>
 #include <sys/mman.h>
 
@@ -61,7 +62,8 @@ class PoolAllocator final : public c10::Allocator {
         // Memory is short: give back what is cached and try once more before failing like torch does.
         empty_cache();
         ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        TORCH_CHECK(ptr != MAP_FAILED, "idefics2 CPU memory pool: out of memory allocating ", n, " bytes");
+        IDEFICS2_CHECK(ptr != MAP_FAILED, "idefics2 CPU memory pool: out of memory allocating %zu bytes",
+                       static_cast<size_t>(n));
       }
       block = new Block{ptr, size, {}, {}};
       std::lock_guard<std::mutex> guard(mutex_);

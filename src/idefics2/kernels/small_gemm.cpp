@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 #include "rope.h"
+#include "check.h"
 
 #include <algorithm>
 #include <cmath>
@@ -338,7 +339,7 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& weight, const std::
   TORCH_CHECK(weight.is_contiguous(), "small_gemm: weight must be contiguous");
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "small_gemm: x and weight disagree on in_features");
-  TORCH_CHECK(B <= kMaxB, "small_gemm: at most ", kMaxB, " rows");
+  IDEFICS2_CHECK(B <= kMaxB, "small_gemm: at most %d rows", kMaxB);
   const auto wt = weight.scalar_type();
   const auto xt = x.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "small_gemm: fp32 or bf16 weight");
@@ -374,7 +375,7 @@ std::vector<at::Tensor> small_gemm_multi(const at::Tensor& x, at::TensorList wei
   TORCH_CHECK(!weights.empty(), "small_gemm_multi: no weights");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_multi: CPU x [B, K]");
   const int64_t B = x.size(0), K = x.size(1);
-  TORCH_CHECK(B <= kMaxB, "small_gemm_multi: at most ", kMaxB, " rows");
+  IDEFICS2_CHECK(B <= kMaxB, "small_gemm_multi: at most %d rows", kMaxB);
   const auto wt = weights[0].scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "small_gemm_multi: fp32 or bf16 weights");
   TORCH_CHECK(x.scalar_type() == wt || (x.scalar_type() == at::kFloat && wt == at::kBFloat16),
@@ -573,7 +574,7 @@ std::vector<at::Tensor> small_gemm_int8_multi(const at::Tensor& x, at::TensorLis
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_int8_multi: CPU x [B, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int8_multi: fp32 or bf16 x");
   const int64_t B = x.size(0), K = x.size(1);
-  TORCH_CHECK(B <= kMaxB, "small_gemm_int8_multi: at most ", kMaxB, " rows");
+  IDEFICS2_CHECK(B <= kMaxB, "small_gemm_int8_multi: at most %d rows", kMaxB);
   std::vector<const int8_t*> wp;
   std::vector<const float*> sp;
   std::vector<int64_t> ns;
@@ -804,25 +805,26 @@ constexpr bool kHaveInt4 = false;
 // Shapes of an x16 int4 weight: qweight uint8 [N / 16, 8 K], scales / zeros bf16 [N / 16, K / group, 16].
 void check_int4_weight(const char* op, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
                        int64_t K, int64_t group_size) {
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op, ": group 32, 64 or 128");
-  TORCH_CHECK(K > 0 && K % group_size == 0, op, ": K (", K, ") must be a multiple of the group size ", group_size);
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
-                  q.size(1) == 8 * K, op, ": qweight must be contiguous uint8 [N / 16, 8 K] (the x16 layout)");
+  IDEFICS2_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "%s: group 32, 64 or 128", op);
+  IDEFICS2_CHECK(K > 0 && K % group_size == 0, "%s: K (%lld) must be a multiple of the group size %lld", op,
+                 static_cast<long long>(K), static_cast<long long>(group_size));
+  IDEFICS2_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
+                     q.size(1) == 8 * K, "%s: qweight must be contiguous uint8 [N / 16, 8 K] (the x16 layout)", op);
   for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 3 &&
-                    t->size(0) == q.size(0) && t->size(1) == K / group_size && t->size(2) == 16,
-                op, ": scales and zeros must be contiguous bf16 [N / 16, K / group, 16]");
+    IDEFICS2_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 3 &&
+                       t->size(0) == q.size(0) && t->size(1) == K / group_size && t->size(2) == 16,
+                   "%s: scales and zeros must be contiguous bf16 [N / 16, K / group, 16]", op);
 }
 
 // x [B, K] against several int4 weights of the same K (one kernel call, the threads woken once).
 std::vector<at::Tensor> small_gemm_int4(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                                         at::TensorList zeros, int64_t group_size) {
-  TORCH_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-VNNI (this build: ", isa(), ")");
+  IDEFICS2_CHECK(kHaveInt4, "small_gemm_int4: needs AVX512-VNNI (this build: %s)", isa().c_str());
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "small_gemm_int4: CPU x [B, K]");
   TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() && zeros.size() == qweights.size(),
               "small_gemm_int4: one scales and one zeros tensor per weight");
   const int64_t B = x.size(0), K = x.size(1);
-  TORCH_CHECK(B <= kMaxB, "small_gemm_int4: at most ", kMaxB, " rows");
+  IDEFICS2_CHECK(B <= kMaxB, "small_gemm_int4: at most %d rows", kMaxB);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "small_gemm_int4: fp32 or bf16 x");
   std::vector<at::Tensor> ys;
   for (size_t i = 0; i < qweights.size(); ++i) {
