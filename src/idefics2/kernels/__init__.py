@@ -5,8 +5,10 @@
 
 `small_batch_linear(x, weight, bias)` is F.linear for decoding: at <= 16 rows it streams the weight once
 at close to memory bandwidth (fp32 or bf16 weights, fp32 accumulation), where MKL/oneDNN fall well below
-it (fp32 at 4-16 rows, bf16 at every size). fp32 at 1-2 rows stays with F.linear (MKL gemv is as fast). When the kernel cannot be used (build impossible, IDEFICS2_DISABLE_KERNELS=1, other devices,
-dtypes or shapes, autograd) it is exactly F.linear; `kernel_available()` / `kernel_status()` say why.
+it (fp32 at 4-16 rows, bf16 at every size). fp32 at 1-2 rows stays with F.linear (MKL gemv is as fast).
+bf16 weights at 17-128 rows (short prompts) go through `prefill_gemm` on AVX-512 machines without AMX, more rows
+through `_bf16_linear_in_fp32`. When no kernel can be used (build impossible, IDEFICS2_DISABLE_KERNELS=1, other
+devices, dtypes or shapes, autograd) it is exactly F.linear; `kernel_available()` / `kernel_status()` say why.
 """
 
 from __future__ import annotations
