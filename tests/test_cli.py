@@ -1,5 +1,6 @@
 """The `idefics2` command, run as users run it: in subprocesses, on a checkpoint made by `init-random`."""
 
+import io
 import json
 import os
 import subprocess
@@ -161,3 +162,48 @@ def test_quantize_writes_a_checkpoint_that_generates(tiny, images, tmp_path, met
     result = idefics2("generate", "--model", out, "--image", paths[0], "--prompt", "What is this?",
                       "--max-new-tokens", "4", "--seed", "0")
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+@pytest.mark.parametrize("splitting", [False, True])
+def test_chat_session_encodes_each_image_once_and_answers_as_with_pixels(tiny, images, splitting):
+    """Each turn's answer equals the one generate() gives from the whole history's pixels; the vision tower runs
+    once per attached image, not once per image per turn."""
+    import torch
+
+    from idefics2.cli import ChatSession, load_model_and_processor, run_chat_turn, user_message
+
+    _, paths = images
+    model, processor = load_model_and_processor(str(tiny), image_splitting=splitting)
+    encoded = []
+    model.model.vision_model.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
+    gen = dict(max_new_tokens=6, do_sample=False)
+    session = ChatSession(model, processor)
+    pictures = [Image.open(p).convert("RGB") for p in paths]
+    session.attach(pictures[0])
+    turns = [("What is this?", [pictures[0]]), ("And now?", []), ("Compare.", [pictures[1]])]
+    messages, history = [], []
+    for i, (prompt, new) in enumerate(turns):
+        if i == 2:
+            session.attach(pictures[1])
+        out = io.StringIO()
+        answer = session.ask(prompt, gen, out=out)
+        history.extend(new)
+        messages.append(user_message(prompt, len(new)))
+        # the cached features are those of the pixel path (all images padded into one batch), within float noise,
+        # and the session's prompt ids are the processor's
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        pixels = processor(text=text, images=history, return_tensors="pt")
+        seen = len(encoded)
+        with torch.inference_mode():
+            expected, _ = model.model.get_image_features(pixels["pixel_values"], pixels["pixel_attention_mask"])
+        del encoded[seen:]  # this check's own encoding is not counted
+        torch.testing.assert_close(torch.cat(session.features), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(session.inputs_of_last_turn["input_ids"], pixels["input_ids"])
+        reference = run_chat_turn(model, processor, messages, history, gen, out=io.StringIO())
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reference}]})
+        assert answer == reference and out.getvalue().strip() == answer
+    crops = 5 if splitting else 1
+    # turn by turn, session then reference: the session encodes image 0 at turn 0 and image 1 at turn 2 only;
+    # the reference re-encodes every image of the history every turn
+    assert encoded == [crops, crops, crops, crops, 2 * crops]
+    assert session.messages == messages and torch.cat(session.features).shape[0] == 2 * crops

@@ -126,6 +126,12 @@ def run_chat_turn(model, processor, messages: list[dict], images: list, gen: dic
                   verbose: bool = False) -> str:
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=text, images=images or None, return_tensors="pt")
+    return stream_answer(model, processor, dict(inputs), gen, out, verbose)
+
+
+def stream_answer(model, processor, inputs: dict[str, Any], gen: dict[str, Any], out=sys.stdout,
+                  verbose: bool = False) -> str:
+    """generate() on `inputs`, writing the answer to `out` as it comes; returns it."""
     pieces: list[str] = []
 
     def emit(piece: str) -> None:
@@ -134,12 +140,58 @@ def run_chat_turn(model, processor, messages: list[dict], images: list, gen: dic
         out.flush()
 
     streamer = TimedStreamer(processor.tokenizer, emit)
-    model.generate(**dict(inputs), streamer=streamer, tokenizer=processor.tokenizer, **gen)
+    model.generate(**inputs, streamer=streamer, tokenizer=processor.tokenizer, **gen)
     out.write("\n")
     out.flush()
     if verbose:
         print(streamer.report(), file=sys.stderr)
     return "".join(pieces).strip()
+
+
+class ChatSession:
+    """A multi-turn conversation in the chat template's format. Each image is encoded once, when the turn it is
+    attached to runs, and its features serve every later turn: the history is prefilled again each turn, but the
+    vision tower and connector (most of a prefill with images) are not run again for old images."""
+
+    def __init__(self, model, processor) -> None:
+        self.model, self.processor = model, processor
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        self.features: list = []  # per attached image: [crops, n_latents, hidden]
+        self.pending: list = []
+
+    def attach(self, image) -> None:
+        """Attach an image to the next user message."""
+        self.pending.append(image)
+
+    def encode(self, image):
+        pixels = self.processor(images=[image], return_tensors="pt")
+        features, _ = self.model.model.get_image_features(pixels["pixel_values"].to(self.model.device),
+                                                          pixels["pixel_attention_mask"].to(self.model.device))
+        return features
+
+    def inputs(self, prompt: str) -> dict[str, Any]:
+        """Append the user's message (with the pending images) and return generate()'s inputs for the answer."""
+        import torch
+
+        self.features.extend(self.encode(image) for image in self.pending)
+        self.messages.append(user_message(prompt, len(self.pending)))
+        self.pending = []
+        text = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        # the processor's text path (image tokens expanded as for pixel inputs), without re-reading the images
+        encoded = self.processor.tokenizer(self.processor.expand_image_tokens(text), return_tensors="pt")
+        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if self.features:
+            inputs["image_hidden_states"] = torch.cat(self.features)
+        return inputs
+
+    def ask(self, prompt: str, gen: dict[str, Any], out=sys.stdout, verbose: bool = False) -> str:
+        self.inputs_of_last_turn = self.inputs(prompt)
+        answer = stream_answer(self.model, self.processor, self.inputs_of_last_turn, gen, out, verbose)
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return answer
 
 
 # ---- commands --------------------------------------------------------------------------------------------------
@@ -153,9 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model, processor = load_from_args(args)
-    messages: list[dict] = []
-    images: list = []
-    pending: list = []
+    session = ChatSession(model, processor)
     print("Chat with idefics2. /image PATH attaches an image to your next message, /reset, /exit.",
           file=sys.stderr)
     while True:
@@ -168,13 +218,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            messages, images, pending = [], [], []
+            session.reset()
             print("(conversation reset)", file=sys.stderr)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                pending.append(open_image(path))
+                session.attach(open_image(path))
                 print(f"(image attached: {path})", file=sys.stderr)
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
@@ -182,12 +232,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]!r}; use /image PATH, /reset or /exit", file=sys.stderr)
             continue
-        messages.append(user_message(line, len(pending)))
-        images.extend(pending)
-        pending = []
         sys.stdout.write("assistant> ")
-        answer = run_chat_turn(model, processor, messages, images, generation_kwargs(args), verbose=args.verbose)
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        session.ask(line, generation_kwargs(args), verbose=args.verbose)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
