@@ -41,6 +41,7 @@ FP32_MIN_ROWS = 3
 # L1 instead of widening whole blocks into an fp32 copy for MKL (`_bf16_linear_in_fp32`): 1.26-1.28x at 64-107 rows,
 # slower from ~256 rows on (see prefill_gemm.cpp). fp32 weights stay with MKL at every size above MAX_ROWS.
 PREFILL_MAX_ROWS = 128
+# IDEFICS2_PREFILL_GEMM=0 keeps those rows on the widen-and-MKL path (for A/B measurements)
 _prefill_enabled = {"on": os.environ.get("IDEFICS2_PREFILL_GEMM", "1") != "0"}
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp", "dropout.cpp",
