@@ -208,6 +208,42 @@ def test_base_model_matches_reference_hidden_state(pair, tmp_path):
     assert (a - b).abs().max() <= TOL
 
 
+def test_images_of_different_sizes_are_encoded_without_their_padding(pair):
+    """Images padded to a common size run in groups of equal extent, cropped to it: the features and their
+    gradients equal the padded batch's (where the padding is masked out) within float noise; a patch mask that is
+    not a top-left rectangle keeps the padded batch."""
+    config, _, ours = pair
+    model = ours.model
+    g = torch.Generator().manual_seed(7)
+    pixels, pixel_mask = pad_images(g, [[(56, 42), (30, 56), (56, 42), (56, 56)]])
+    pixels, pixel_mask = pixels[0], pixel_mask[0]
+    p = config["vision_config"]["patch_size"]
+    h, w = pixel_mask.shape[1] // p, pixel_mask.shape[2] // p
+    patch_mask = pixel_mask[:, : h * p, : w * p].reshape(-1, h, p, w, p).bool().all(dim=4).all(dim=2)
+    calls = []
+    hook = model.vision_model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        grouped_pixels = pixels.clone().requires_grad_()
+        grouped = model.encode_patches(grouped_pixels, patch_mask)
+        assert len(calls) == 3 and sorted(c[0] for c in calls) == [1, 1, 2]  # extents 56x42 (twice), 30x56, 56x56
+        calls.clear()
+        padded_pixels = pixels.clone().requires_grad_()
+        padded = model.connector(model.vision_model(padded_pixels, patch_mask), patch_mask.reshape(4, -1))
+        assert (grouped - padded).abs().max() <= TOL
+        weights = torch.randn(grouped.shape, generator=g)
+        (grouped * weights).sum().backward()
+        (padded * weights).sum().backward()
+        assert (grouped_pixels.grad - padded_pixels.grad).abs().max() <= TOL * max(1.0, padded_pixels.grad.abs().max())
+        calls.clear()
+        holes = patch_mask.clone()
+        holes[0, 0, 0] = False  # not a top-left rectangle
+        with torch.no_grad():
+            model.encode_patches(pixels, holes)
+        assert calls == [tuple(pixels.shape)]
+    finally:
+        hook.remove()
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):

@@ -39,3 +39,38 @@ def test_streamer_never_emits_half_a_character():
     streamer.end()
     assert "".join(pieces) == "né 🙂!"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_pipeline_encodes_each_image_once_and_matches_the_pixel_path(ask, make_test_image):
+    """The pipeline's inputs (ids from the processor's text expansion, images as cached features) give the ids
+    and the answer the processor's pixel inputs give; a second question about the same image (or an equal copy
+    of it) does not run the vision tower again; other images, or the same image with other processor settings, do."""
+    import numpy as np
+
+    encoded = []
+    hook = ask.model.model.vision_model.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
+    try:
+        first, second = make_test_image(50, 40, seed=1), make_test_image(30, 60, seed=2)
+        for prompt, images in (("What is this?", [first]), ("Compare them.", [first, second])):
+            messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]}]
+            text = ask.processor.apply_chat_template(messages, add_generation_prompt=True)
+            pixels = dict(ask.processor(text=text, images=images, return_tensors="pt"))
+            inputs = ask.inputs(prompt, images)
+            assert torch.equal(inputs["input_ids"], pixels["input_ids"])
+            with torch.inference_mode():
+                expected, _ = ask.model.model.get_image_features(pixels["pixel_values"], pixels["pixel_attention_mask"])
+            torch.testing.assert_close(inputs["image_hidden_states"], expected, rtol=1e-5, atol=1e-5)
+            gen = dict(max_new_tokens=8, do_sample=False)
+            assert torch.equal(ask.model.generate(**inputs, **gen), ask.model.generate(**pixels, **gen))
+        encoded.clear()
+        ask.inputs("Again?", [first.copy()])  # same content, another object: a cache hit
+        ask.inputs("As an array?", [np.asarray(second)])  # other type: its own key
+        assert encoded == [1]
+        ask.processor.image_processor.do_image_splitting = True
+        try:
+            ask.inputs("Split?", [first])
+        finally:
+            ask.processor.image_processor.do_image_splitting = False
+        assert encoded == [1, 5]
+    finally:
+        hook.remove()

@@ -154,7 +154,10 @@ class ChatSession:
     vision tower and connector (most of a prefill with images) are not run again for old images."""
 
     def __init__(self, model, processor) -> None:
+        from .pipeline import ImageFeatures
+
         self.model, self.processor = model, processor
+        self.encoder = ImageFeatures(model, processor)
         self.reset()
 
     def reset(self) -> None:
@@ -166,23 +169,15 @@ class ChatSession:
         """Attach an image to the next user message."""
         self.pending.append(image)
 
-    def encode(self, image):
-        pixels = self.processor(images=[image], return_tensors="pt")
-        features, _ = self.model.model.get_image_features(pixels["pixel_values"].to(self.model.device),
-                                                          pixels["pixel_attention_mask"].to(self.model.device))
-        return features
-
     def inputs(self, prompt: str) -> dict[str, Any]:
         """Append the user's message (with the pending images) and return generate()'s inputs for the answer."""
         import torch
 
-        self.features.extend(self.encode(image) for image in self.pending)
+        self.features.extend(self.encoder.encode(image) for image in self.pending)
         self.messages.append(user_message(prompt, len(self.pending)))
         self.pending = []
         text = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
-        # the processor's text path (image tokens expanded as for pixel inputs), without re-reading the images
-        encoded = self.processor.tokenizer(self.processor.expand_image_tokens(text), return_tensors="pt")
-        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        inputs = self.encoder.inputs(text, [])
         if self.features:
             inputs["image_hidden_states"] = torch.cat(self.features)
         return inputs

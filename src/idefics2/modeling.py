@@ -184,9 +184,38 @@ class Idefics2Model(Idefics2PreTrainedModel):
         p = self.config.vision_config.patch_size
         h, w = pixel_mask.shape[1] // p, pixel_mask.shape[2] // p
         patch_mask = pixel_mask[:, : h * p, : w * p].reshape(-1, h, p, w, p).bool().all(dim=4).all(dim=2)
-        hidden = self.vision_model(pixels, patch_mask)
-        features = self.connector(hidden, patch_mask.reshape(pixels.shape[0], -1))
-        return features, counts
+        return self.encode_patches(pixels, patch_mask), counts
+
+    def encode_patches(self, pixels: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """Vision tower + connector: pixels [I, C, H, W], patch mask [I, h, w] -> features [I, n_latents, D].
+
+        Images padded to a common size (the crops of a split image: four quarters and the whole one) run in
+        groups of equal valid extent, cropped to it, instead of as one padded batch: the padded patches would cost
+        MLP rows and quadratic attention for nothing (the crops of a 1000x800 image are 41% real pixels, and
+        the padded batch spent 4x the needed attention). The math of each image is unchanged (its padded patches
+        are masked out of every attention and position id either way); only summation order may differ. Valid
+        patches that do not form a top-left rectangle keep the padded batch."""
+        p = self.config.vision_config.patch_size
+        num_images, h, w = patch_mask.shape
+        rows, cols = patch_mask[:, :, 0].sum(dim=1), patch_mask[:, 0, :].sum(dim=1)
+        grid_h = torch.arange(h, device=patch_mask.device)[None, :, None] < rows[:, None, None]
+        grid_w = torch.arange(w, device=patch_mask.device)[None, None, :] < cols[:, None, None]
+        extents = list(zip(rows.tolist(), cols.tolist()))
+        if all(e == (h, w) for e in extents) or not torch.equal(grid_h & grid_w, patch_mask) \
+                or min(r * c for r, c in extents) == 0:
+            hidden = self.vision_model(pixels, patch_mask)
+            return self.connector(hidden, patch_mask.reshape(num_images, -1))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, extent in enumerate(extents):
+            groups.setdefault(extent, []).append(i)
+        order, parts = [], []
+        for (r, c), members in groups.items():
+            index = torch.tensor(members, device=pixels.device)
+            hidden = self.vision_model(pixels[index, :, : r * p, : c * p], None)
+            parts.append(self.connector(hidden, torch.ones(len(members), r * c, dtype=torch.bool, device=pixels.device)))
+            order.extend(members)
+        features = torch.cat(parts)
+        return features[torch.argsort(torch.tensor(order, device=features.device))]
 
     def _check_pixels(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
