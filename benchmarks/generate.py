@@ -1,7 +1,7 @@
 """Prefill latency and decode speed: idefics2 vs transformers generate, measured in one run.
 
     python benchmarks/generate.py [--preset medium] [--dtypes float32,bfloat16] [--batches 1,8] [--new-tokens 64]
-                                  [--prefill-rounds N]
+                                  [--prefill-rounds N] [--split-image-rounds N]
 
 Workload: one 378x378 image + 40 text tokens per row, greedy, `--new-tokens` new tokens (eos disabled so
 every run decodes the same number of steps). Each generate() call is timed token by token through its
@@ -9,6 +9,8 @@ every run decodes the same number of steps). Each generate() call is timed token
 tokens. The roofline is the weight bytes streamed per decode step (text decoder + lm_head) divided by this
 machine's measured streaming bandwidth: at batch 1, decoding cannot go faster than that.
 Both models are loaded from the same random checkpoint in this process; outputs are checked equal.
+`--split-image-rounds N` also times the prefill of one 1000x800 image through the processor with image splitting
+(the published processor's default: four crops and the whole image, padded to a common size), N paired rounds.
 """
 
 from __future__ import annotations
@@ -88,6 +90,23 @@ def paired_prefill(ours, ref, inputs: dict, rounds: int, gen: dict) -> str:
             f"ours faster in {wins} of {rounds}")
 
 
+def split_image_prefill(ours, ref, path: str, rounds: int, gen: dict) -> str:
+    """Prefill of one 1000x800 image split into 4 crops + the whole one (padded to a common size in the batch)."""
+    import numpy as np
+    from PIL import Image
+
+    from idefics2 import Idefics2Processor
+
+    processor = Idefics2Processor.from_pretrained(path)
+    processor.image_processor.do_image_splitting = True
+    image = Image.fromarray((np.random.default_rng(0).random((1000, 800, 3)) * 255).astype("uint8"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the total?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = dict(processor(text=text, images=[image], return_tensors="pt"))
+    inputs["pixel_values"] = inputs["pixel_values"].to(ours.dtype)
+    return "split 1000x800 image, " + paired_prefill(ours, ref, inputs, rounds, gen)
+
+
 def decode_weight_bytes(model) -> int:
     text = model.model.text_model
     layers = sum(p.numel() * p.element_size() for p in text.layers.parameters())
@@ -105,6 +124,9 @@ def main() -> None:
     parser.add_argument("--prefill-rounds", type=int, default=0,
                         help="also time prefill alone (generate with one new token) over this many paired rounds, "
                              "the libraries alternating which goes first, and count the rounds each wins")
+    parser.add_argument("--split-image-rounds", type=int, default=0,
+                        help="also time the prefill of one 1000x800 image with image splitting (4 crops + the "
+                             "whole image) over this many paired rounds, per dtype")
     args = parser.parse_args()
 
     import json
@@ -143,6 +165,8 @@ def main() -> None:
                 print(f"{'':18}ratio: prefill {p_ref / p_ours:.2f}x, decode {t_ours / t_ref:.2f}x; outputs {same}")
                 if args.prefill_rounds:
                     print(f"{'':18}{paired_prefill(ours, ref, inputs, args.prefill_rounds, gen)}")
+            if args.split_image_rounds:
+                print(f"{dtype_name:9}{1:>6}   {split_image_prefill(ours, ref, path, args.split_image_rounds, gen)}")
             del ours, ref
 
 
