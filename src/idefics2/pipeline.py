@@ -17,6 +17,15 @@ from .processing import Idefics2Processor
 from .streaming import stream_generate
 
 
+def processing_settings_key(processor) -> str:
+    """The image processor settings that change an image's features, as a string for cache keys."""
+    ip = processor.image_processor
+    settings = {k: getattr(ip, k, None) for k in ("do_image_splitting", "size", "do_resize", "do_normalize",
+                                                   "image_mean", "image_std", "do_rescale", "rescale_factor",
+                                                   "do_convert_rgb", "do_pad")}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 class ImageFeatures:
     """generate() inputs with images given as features (`image_hidden_states`) instead of pixels. Each image is
     encoded alone (its features do not depend on the other images of a prompt) and kept in an LRU keyed by its
@@ -36,12 +45,8 @@ class ImageFeatures:
             head, data = f"array|{array.dtype}|{array.shape}", array.tobytes()
         else:
             return None
-        ip = self.processor.image_processor
-        settings = {k: getattr(ip, k, None) for k in ("do_image_splitting", "size", "do_resize", "do_normalize",
-                                                       "image_mean", "image_std", "do_rescale", "rescale_factor",
-                                                       "do_convert_rgb", "do_pad")}
         digest = hashlib.sha256(data)
-        digest.update(f"{head}|{json.dumps(settings, sort_keys=True, default=str)}".encode())
+        digest.update(f"{head}|{processing_settings_key(self.processor)}".encode())
         return digest.hexdigest()
 
     @torch.inference_mode()

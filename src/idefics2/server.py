@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from .engine import Engine, EngineRequest, ImageInput
 from .generation import GenerationConfig
 from .openmp import run_in_short_lived_thread, use_one_openmp_thread
+from .pipeline import processing_settings_key
 from .structured import Constraint, ConstraintError
 
 log = logging.getLogger("idefics2.server")
@@ -217,7 +218,7 @@ class Service:
         if images:
             per_image = 5 if processor.image_processor.do_image_splitting else 1
             pixels, masks = encoded["pixel_values"][0], encoded["pixel_attention_mask"][0]
-            settings_key = json.dumps(self.processing_settings(), sort_keys=True)
+            settings_key = processing_settings_key(processor)
             for i, (digest, _) in enumerate(images):
                 sub_pixels = pixels[i * per_image:(i + 1) * per_image]
                 sub_masks = masks[i * per_image:(i + 1) * per_image]
@@ -230,11 +231,6 @@ class Service:
                     pixel_attention_mask=sub_masks[None, :, :h, :w].contiguous(),
                 ))
         return input_ids, inputs
-
-    def processing_settings(self) -> dict:
-        ip = self.processor.image_processor
-        return {k: getattr(ip, k, None) for k in ("do_image_splitting", "size", "do_resize", "do_normalize",
-                                                   "image_mean", "image_std", "do_rescale", "rescale_factor")}
 
     def generation_config(self, params: SamplingParams, prompt_tokens: int) -> GenerationConfig:
         base = self.model.generation_config or GenerationConfig()
