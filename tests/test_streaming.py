@@ -74,3 +74,25 @@ def test_pipeline_encodes_each_image_once_and_matches_the_pixel_path(ask, make_t
         assert encoded == [1, 5]
     finally:
         hook.remove()
+
+
+def test_stream_runs_on_the_callers_thread_outside_inference_mode(ask):
+    """The iterator drives generation step by step on the calling thread (a worker thread's OpenMP regions were
+    slower); the caller's code between pieces is not in inference mode; stopping early is fine; beam search is
+    refused as generate(streamer=...) refuses it."""
+    import threading
+
+    image = Image.new("RGB", (40, 30), (10, 250, 10))
+    threads = set()
+    hook = ask.model.register_forward_hook(lambda m, args, out: threads.add(threading.get_ident()))
+    try:
+        modes = [torch.is_inference_mode_enabled() for _ in ask.stream("Describe.", images=[image], max_new_tokens=6,
+                                                                       eos_token_id=None)]
+        assert threads == {threading.get_ident()} and modes and not any(modes)
+        for _ in ask.stream("Describe.", images=[image], max_new_tokens=6, eos_token_id=None):
+            break
+        assert not torch.is_inference_mode_enabled()
+        with pytest.raises(ValueError, match="beam search"):
+            list(ask.stream("Describe.", images=[image], max_new_tokens=5, num_beams=2))
+    finally:
+        hook.remove()

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,7 +255,22 @@ def _budget(config: GenerationConfig, prompt_len: int) -> int:
 
 
 @torch.inference_mode()
-def generate(
+def generate(model, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | GenerateOutput:
+    """transformers-compatible generate: returns prompt + new ids [B * num_return_sequences, T]. Arguments:
+    attention_mask, pixel_values, pixel_attention_mask, image_hidden_states, generation_config (or its fields),
+    streamer, tokenizer, generator or seed, json_schema / regex / choices."""
+    return _generate(model, input_ids, stepwise=False, **kwargs)
+
+
+@torch.inference_mode()
+def generate_steps(model, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Iterator[torch.Tensor] | None:
+    """generate() as an iterator the caller drives on its own thread: each next() runs one step (the first one
+    the prefill) and yields that step's new tokens [B]; `streamer` is fed as generate() feeds it. Inference mode is
+    on inside each step only, not in the caller's code between them. None for beam search (it is not stepwise)."""
+    return _generate(model, input_ids, stepwise=True, **kwargs)
+
+
+def _generate(
     model,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -267,9 +282,9 @@ def generate(
     tokenizer: Any = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    stepwise: bool = False,
     **kwargs: Any,
-) -> torch.Tensor | GenerateOutput:
-    """transformers-compatible generate: returns prompt + new ids [B * num_return_sequences, T]."""
+):
     if input_ids is None:
         raise ValueError("generate() needs input_ids (build them with the processor)")
     kwargs.pop("use_cache", None)
@@ -294,6 +309,8 @@ def generate(
     if config.num_beams > 1 and not config.do_sample:
         if constraints:
             raise ValueError("json_schema / regex / choices are not supported with beam search (num_beams > 1)")
+        if stepwise:
+            return None
         return _beam_search(model, input_ids, attention_mask, features, config, streamer, tokenizer)
     expand = config.num_return_sequences
     if expand > 1:
@@ -306,7 +323,29 @@ def generate(
             raise ValueError("json_schema / regex / choices need the tokenizer: pass tokenizer=processor.tokenizer")
         grammar = GrammarEngine.for_tokenizer(tokenizer, model.config.vocab_size, tuple(config.eos_ids))
         matchers = [grammar.matcher(c) if c is not None else None for c in constraints]
-    return _sample(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator, matchers)
+    steps = _sample_steps(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator,
+                          matchers)
+    return _each_step_in_inference_mode(steps) if stepwise else _last_value(steps)
+
+
+def _last_value(steps: Generator) -> Any:
+    """Run a step generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _each_step_in_inference_mode(steps: Generator) -> Generator:
+    """The same steps, each run under inference mode (which stays off in the caller's code between them)."""
+    while True:
+        with torch.inference_mode():
+            try:
+                tokens = next(steps)
+            except StopIteration as stop:
+                return stop.value
+        yield tokens
 
 
 def _expand_rows(model, input_ids, attention_mask, features, times: int):
@@ -350,7 +389,8 @@ def static_bad_words_mask(config: GenerationConfig, vocab: int, device) -> torch
     return mask
 
 
-def _sample(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator, matchers=None):
+def _sample_steps(model, input_ids, attention_mask, features, config, streamer, tokenizer, generator, matchers=None):
+    """The sampling loop as a generator: yields each step's new tokens [B], returns what generate() returns."""
     batch, prompt_len = input_ids.shape
     budget = _budget(config, prompt_len)
     if streamer is not None:
@@ -391,6 +431,7 @@ def _sample(model, input_ids, attention_mask, features, config, streamer, tokeni
         length += 1
         if streamer is not None:
             streamer.put(tokens.cpu())
+        yield tokens
         if eos.numel():
             unfinished &= ~torch.isin(tokens, eos)
         if stop is not None:
