@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "bf16.h"
 #include "rope.h"
 #include "check.h"
 #include <ATen/Parallel.h>
@@ -41,11 +42,7 @@ inline void widen(const T* src, float* dst, int64_t n) {
 #endif
 
 #if defined(__AVX512F__)
-inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16f(const c10::BFloat16* p) {  // a bf16 is the top half of an fp32
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using idefics2_kernels::load16;  // 16 fp32 / bf16 values as fp32 lanes (bf16.h)
 #endif
 
 // s[g] = <q_g, k> for the G query heads sharing one key (the key row is read once, widened in registers).
@@ -58,7 +55,7 @@ inline void dots(const float* q, const T* k, int64_t G, int64_t D, float* s) {
       const float* q0 = q + g * D;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < D; d += 16) {
-        const __m512 kv = load16f(k + d);
+        const __m512 kv = load16(k + d);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kv, a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + d), kv, a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + d), kv, a2);
@@ -69,7 +66,7 @@ inline void dots(const float* q, const T* k, int64_t G, int64_t D, float* s) {
     }
     for (; g < G; ++g) {
       __m512 a = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), load16f(k + d), a);
+      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), load16(k + d), a);
       s[g] = _mm512_reduce_add_ps(a);
     }
     return;
@@ -91,7 +88,7 @@ inline void weighted_sum_regs(const float* p, int64_t n, const T* rows, float* o
     if (p[j] == 0.f) continue;  // masked key
     const T* r = rows + j * 16 * V;
     const __m512 pj = _mm512_set1_ps(p[j]);
-    for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pj, load16f(r + 16 * i), acc[i]);
+    for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pj, load16(r + 16 * i), acc[i]);
   }
   for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }

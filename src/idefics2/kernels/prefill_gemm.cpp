@@ -21,9 +21,10 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -110,16 +111,10 @@ inline void tile_rows(int c, const float* x, int64_t ldx, const float* w, int64_
   }
 }
 
-inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void widen(const uint16_t* src, float* dst, int64_t n) {  // bf16 -> fp32: the top half of the bits
+inline void widen(const uint16_t* src, float* dst, int64_t n) {  // bf16 -> fp32 (bf16.h)
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16)));
-  for (; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(float));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, idefics2_kernels::load16(src + i));
+  for (; i < n; ++i) dst[i] = idefics2_kernels::bf16_to_float(src[i]);
 }
 
 inline void store_row(float* dst, const float* src, const float* bias, int64_t n) {

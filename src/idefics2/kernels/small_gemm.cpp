@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
+#include "bf16.h"
 #include "rope.h"
 #include "check.h"
 
@@ -38,12 +39,7 @@ constexpr int kMaxB = 16;
 // which stays in L1 between the passes.
 constexpr int64_t kBlock = 256;
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+using idefics2_kernels::bf16_to_float;
 
 inline float load_scalar(const float* p) { return *p; }
 inline float load_scalar(const uint16_t* p) { return bf16_to_float(*p); }
@@ -416,12 +412,7 @@ std::vector<at::Tensor> small_gemm_multi(const at::Tensor& x, at::TensorList wei
 // 32 x 32767 x 128 < 2^27 per lane, so the int32 sums are exact; they are converted and scaled into fp32
 // totals at the end of each chunk. Used for K a multiple of 32; other shapes take the fp32 path above.
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> fp32: a 16-bit shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 load16(const c10::BFloat16* p) { return load16(reinterpret_cast<const uint16_t*>(p)); }
+using idefics2_kernels::load16;  // 16 fp32 / bf16 values as fp32 lanes (bf16.h)
 
 // max |x[k]| over k in [0, n), n a multiple of 16 (an activation's scale before it is quantized).
 template <typename XT>
