@@ -200,7 +200,9 @@ def metric(server, name):
 
 
 def test_disconnect_mid_stream_frees_the_slot(server, client):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count forever."}], "max_tokens": 400,
+    # 1600 tokens (the server's 700 + 1024 capacity allows it): 400 took the tiny model under a second, which let
+    # the request finish before the server saw the disconnect (a flaky "cancelled" assertion in a full run)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count forever."}], "max_tokens": 1600,
             "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
