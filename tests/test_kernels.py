@@ -310,22 +310,57 @@ def test_parallel_linears_calls_modules_that_are_not_plain_linears():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rms_norm_and_rope_match_the_torch_formulas(dtype):
+@pytest.mark.parametrize("rows, hidden, tokens, head_dim", [(3, 256, 1, 4), (300, 1000, 107, 64), (40, 7, 33, 6)])
+def test_fused_rms_norm_and_rope_match_the_torch_formulas(dtype, rows, hidden, tokens, head_dim):
+    """Decoding (a few rows) and prefill (hundreds of rows, in parallel), hidden sizes off the 8-lane sums."""
     from idefics2.text import rotate_half
 
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 1, 256, generator=g) * 3).to(dtype)
-    weight = torch.randn(256, generator=g).to(dtype)
+    x = (torch.randn(rows, 1, hidden, generator=g) * 3).to(dtype)
+    weight = torch.randn(hidden, generator=g).to(dtype)
     expected = weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    torch.testing.assert_close(K.rms_norm(x, weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
-    q = torch.randn(2, 5, 16, 4, generator=g).transpose(1, 2).to(dtype)  # [B, H, T, D] as a strided view
-    cos, sin = torch.randn(2, 5, 4, generator=g).to(dtype), torch.randn(2, 5, 4, generator=g).to(dtype)
+    # bf16: the fp64 sum of squares may round the normalised value to the neighbouring bf16 (one ulp)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-6}
+    torch.testing.assert_close(K.rms_norm(x, weight, 1e-5), expected, **tol)
+    q = torch.randn(2, tokens, 5, head_dim, generator=g).transpose(1, 2).to(dtype)  # [B, H, T, D], strided view
+    cos = torch.randn(2, tokens, head_dim, generator=g).to(dtype)
+    sin = torch.randn(2, tokens, head_dim, generator=g).to(dtype)
     expected = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
     assert torch.equal(K.rope(q, cos, sin), expected)  # same roundings as the separate ops
-    # more than 16 rows (prefill) or autograd: the caller's torch code
-    assert K.rms_norm(torch.randn(17, 256), weight, 1e-5) is None
-    assert K.rope(torch.randn(1, 2, 17, 4), cos[:1, :1].expand(1, 17, 4).contiguous(), sin[:1, :1].expand(1, 17, 4).contiguous()) is None
-    assert K.rms_norm(torch.randn(1, 256, requires_grad=True), weight, 1e-5) is None
+    # autograd: the caller's torch code
+    assert K.rms_norm(torch.randn(1, hidden, requires_grad=True), weight, 1e-5) is None
+    assert K.rope(q.clone().requires_grad_(), cos, sin) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gelu_tanh_kernel_matches_torch_in_place(dtype, bias):
+    """The tanh GELU kernel (x / (1 + exp(-2u)) with its own exp) against torch's op, over the whole range:
+    zeros, tiny and huge values, tails of a row that are not a multiple of 16; bias added first, rounded as a
+    tensor add rounds."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 1409, generator=g) * 4).to(dtype)
+    x[0, :10] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 50, -50, 1e4, -1e4, 3e38, -3e38]).to(dtype)
+    b = (torch.randn(1409, generator=g)).to(dtype) if bias else None
+    expected = F.gelu(x + b if bias else x, approximate="tanh")
+    y = x.clone()
+    out = K.gelu_tanh_(y, b)
+    assert out is not None and out.data_ptr() == y.data_ptr()  # in place
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, expected, rtol=5e-6, atol=1e-6)
+    else:  # computed in fp32, rounded once: one bf16 ulp apart where the fp32 values straddle a rounding tie,
+        # and in the negative tail (|y| < 1e-4) torch's 1 + tanh(u) cancels to 0 where the kernel keeps the value
+        torch.testing.assert_close(y, expected, rtol=8e-3, atol=1e-5)
+        visible = expected.float().abs() > 1e-4
+        assert ((y != expected) & visible).sum() < 0.005 * visible.sum()
+    assert torch.isnan(K.gelu_tanh_(torch.tensor([float("nan")], dtype=dtype))).all()
+    # what it does not cover: the caller uses torch's op (x untouched)
+    assert K.gelu_tanh_(torch.randn(4, 8).t()) is None  # not contiguous
+    assert K.gelu_tanh_(torch.randn(4, 8, dtype=torch.float64)) is None
+    assert K.gelu_tanh_(torch.randn(4, 8), torch.randn(8, dtype=torch.float64)) is None
+    leaf = torch.randn(4, 8, requires_grad=True)
+    assert K.gelu_tanh_(leaf * 1) is None
 
 
 def _reference_decode_attention(q, k, v, cos, sin, key_cache, value_cache, positions, key_valid, kv_len, scale):

@@ -42,8 +42,9 @@ def test_vision_tower_matches_reference_with_padding_masks():
 
 
 def test_inference_overwrites_activations_in_place_but_not_what_hooks_keep():
-    """Without autograd, residual sums and activations are written into the tensors they consume (the same bits as
-    out of place); an output a forward hook has seen is left alone."""
+    """Without autograd, residual sums and activations are written into the tensors they consume (the same values
+    as out of place: the tanh GELU's kernel within a few ulp of torch's op); an output a forward hook has seen is
+    left alone."""
     from idefics2.layers import overwritable
 
     torch.manual_seed(0)
@@ -54,11 +55,12 @@ def test_inference_overwrites_activations_in_place_but_not_what_hooks_keep():
         assert overwritable(mlp.fc1)
         in_place = tower(pixels)
     out_of_place = tower(pixels)  # autograd on: fresh tensors all the way
-    assert out_of_place.requires_grad and torch.equal(in_place, out_of_place.detach())
+    assert out_of_place.requires_grad
+    torch.testing.assert_close(in_place, out_of_place.detach(), rtol=1e-5, atol=1e-5)
     kept = []
     handle = mlp.fc1.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
     with torch.no_grad():
         assert not overwritable(mlp.fc1)
-        assert torch.equal(tower(pixels), in_place)
+        torch.testing.assert_close(tower(pixels), out_of_place.detach(), rtol=1e-5, atol=1e-5)
     handle.remove()
     assert torch.equal(*kept[0])  # the hook's tensor was not overwritten by the activation

@@ -18,13 +18,25 @@ _ACTIVATIONS = {
 }
 
 
-# The same functions overwriting their input (bit-identical results), for `overwritable` outputs.
+def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x = gelu(x + bias, approximate="tanh") in place: the compiled kernel where it applies (4-5x faster than
+    torch's tanh GELU, same function to a few ulp), torch's ops elsewhere."""
+    fused = kernels.gelu_tanh_(x, bias)
+    if fused is not None:
+        return fused
+    if bias is not None:
+        x.add_(bias)
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+# The same functions overwriting their input, for `overwritable` outputs (bit-identical results, except the
+# tanh GELU's kernel: a few ulp, see `gelu_tanh_`).
 _INPLACE_ACTIVATIONS = {
     "silu": lambda x: F.silu(x, inplace=True),
     "relu": lambda x: F.relu(x, inplace=True),
     "gelu": lambda x: torch.ops.aten.gelu_(x),
-    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": gelu_tanh_,
+    "gelu_new": gelu_tanh_,
 }
 
 

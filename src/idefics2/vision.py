@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .config import Idefics2VisionConfig
-from .layers import Linear, activation, add_residual, attention, key_padding_mask, overwritable
+from .kernels import small_batch_linear
+from .layers import Linear, activation, add_residual, attention, gelu_tanh_, key_padding_mask, overwritable
 
 
 def patch_position_ids(patch_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
@@ -81,10 +82,17 @@ class Idefics2VisionMLP(nn.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
         self.act_inplace = activation(config.hidden_act, inplace=True)
+        self.tanh_gelu = config.hidden_act in ("gelu_pytorch_tanh", "gelu_new")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.act_inplace if overwritable(self.fc1) else self.act
-        return self.fc2(act(self.fc1(x)))
+        fc1 = self.fc1
+        if not overwritable(fc1):
+            return self.fc2(self.act(fc1(x)))
+        if self.tanh_gelu and type(fc1) is Linear and fc1.bias is not None and x.dtype == torch.float32:
+            # fp32: fc1's bias added by the GELU kernel's pass (mm then + bias rounds as addmm does), which
+            # saves addmm's copy of the bias into the output
+            return self.fc2(gelu_tanh_(small_batch_linear(x, fc1.weight), fc1.bias))
+        return self.fc2(self.act_inplace(fc1(x)))
 
 
 class Idefics2EncoderLayer(nn.Module):

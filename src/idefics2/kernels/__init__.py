@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "cpu_memory_pool", "cpu_memory_pool_stats",
-           "dropout_linear", "dropout_linear_applies", "dropout_linear_grad_input", "dropout_linear_grad_weight",
+           "dropout_linear", "dropout_linear_applies", "dropout_linear_grad_input", "dropout_linear_grad_weight", "gelu_tanh_",
            "int4_matmul", "int4_matmuls", "int8_matmul", "int8_matmuls", "kernel_available", "kernel_status",
            "lut_to_chw", "seeded_dropout", "small_batch_linear", "small_batch_linears"]
 
@@ -45,7 +45,7 @@ PREFILL_MAX_ROWS = 128
 _prefill_enabled = {"on": os.environ.get("IDEFICS2_PREFILL_GEMM", "1") != "0"}
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("small_gemm.cpp", "decode_attention.cpp", "decode_layer.cpp", "image_ops.cpp", "dropout.cpp",
-                         "memory_pool.cpp", "prefill_gemm.cpp")]
+                         "memory_pool.cpp", "prefill_gemm.cpp", "activation.cpp")]
 _DISABLE_ENV = "IDEFICS2_DISABLE_KERNELS"
 
 _lock = threading.Lock()
@@ -292,8 +292,8 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of up to 16 rows (decoding) in one op, or None: the caller computes it with torch ops."""
-    if (x.device.type != "cpu" or x.dim() < 1 or x.numel() > MAX_ROWS * x.shape[-1]
+    """RMSNorm in one op (rows in parallel), or None: the caller computes it with torch ops."""
+    if (x.device.type != "cpu" or x.dim() < 1
             or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16)
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
@@ -302,13 +302,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """Rotary embedding of a decoding step (x [B, H, T, D], cos/sin [B, T, D]) in one op, or None."""
-    if (x.device.type != "cpu" or x.dim() != 4 or x.shape[0] * x.shape[2] > MAX_ROWS or cos.dtype != x.dtype
+    """Rotary embedding (x [B, H, T, D], cos/sin [B, T, D]) in one op, bit-identical to the torch ops, or None."""
+    if (x.device.type != "cpu" or x.dim() != 4 or cos.dtype != x.dtype
             or sin.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16)
             or (torch.is_grad_enabled() and x.requires_grad)):
         return None
     op = _ops()
     return None if op is None else op.rope(x, cos, sin)
+
+
+@functools.cache
+def _gelu_tanh_supported() -> bool:
+    op = _ops()
+    return op is not None and bool(op.gelu_tanh_supported())
+
+
+def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x = gelu(x + bias, approximate="tanh") in place (inference, contiguous fp32/bf16 CPU tensors, AVX-512
+    machines), 4-5x faster than torch's tanh GELU and without a separate bias pass; None where it does not apply
+    (x untouched): the caller uses torch's op. Agrees with torch's formula to a few ulp (see activation.cpp)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous()
+            or x.dim() < 1 or _needs_grad(x, bias)):
+        return None
+    if bias is not None and (bias.device.type != "cpu" or bias.dtype != x.dtype or bias.shape != x.shape[-1:]):
+        return None
+    if not _gelu_tanh_supported():
+        return None
+    return _ops().gelu_tanh_(x, bias)
 
 
 def decode_attention_applies(q: torch.Tensor, key_cache: torch.Tensor) -> bool:

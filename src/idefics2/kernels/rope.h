@@ -10,14 +10,20 @@ namespace idefics2_kernels {
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")  // no fused multiply-add: round like the separate torch ops
 template <typename T>
-inline void rope_vector(const T* x, const T* c, const T* s, T* y, int64_t D) {
-  const int64_t half = D / 2;
-  for (int64_t d = 0; d < D; ++d) {
-    const float rotated = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
+inline void rope_half(const T* x, const T* partner, const T* c, const T* s, T* y, int64_t n, float sign) {
+  for (int64_t d = 0; d < n; ++d) {  // two branch-free loops (one per half) that the compiler vectorizes
     const T a = static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
-    const T r = static_cast<T>(static_cast<float>(static_cast<T>(rotated)) * static_cast<float>(s[d]));
+    const T rotated = static_cast<T>(sign * static_cast<float>(partner[d]));
+    const T r = static_cast<T>(static_cast<float>(rotated) * static_cast<float>(s[d]));
     y[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(r));
   }
+}
+
+template <typename T>
+inline void rope_vector(const T* x, const T* c, const T* s, T* y, int64_t D) {
+  const int64_t half = D / 2;
+  rope_half(x, x + half, c, s, y, half, -1.f);                          // first half:  x * cos - x[d + half] * sin
+  rope_half(x + half, x, c + half, s + half, y + half, D - half, 1.f);  // second half: x * cos + x[d - half] * sin
 }
 #pragma GCC pop_options
 

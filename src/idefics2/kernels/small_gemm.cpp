@@ -891,8 +891,9 @@ at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales, 
   return out;
 }
 
-// RMSNorm for decoding, one op instead of eight: y = weight * to_x_dtype(x * rsqrt(mean(x^2) + eps)), the
-// normalisation in fp32 and rounded to x's dtype before the scale, as the checkpoints were trained with it.
+// RMSNorm in one op instead of eight: y = weight * to_x_dtype(x * rsqrt(mean(x^2) + eps)), the normalisation in
+// fp32 and rounded to x's dtype before the scale, as the checkpoints were trained with it. Rows in parallel
+// (prefill: ~100 rows of a few KB each); the sum of squares in fp64, so its order does not matter.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
   const int64_t H = weight.numel();
@@ -908,36 +909,43 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const void* wp = wc.data_ptr();
   const void* xp = xc.data_ptr();
   void* yp = y.data_ptr();
-  std::vector<float> v(static_cast<size_t>(H));
-  for (int64_t r = 0; r < rows; ++r) {  // decoding: a handful of rows, each a few KB
-    for (int64_t h = 0; h < H; ++h)
-      v[h] = x_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(xp)[r * H + h])
-                    : static_cast<const float*>(xp)[r * H + h];
-    double sum = 0;  // fp64 accumulation: no order-dependent rounding to speak of
-    for (int64_t h = 0; h < H; ++h) sum += static_cast<double>(v[h]) * v[h];
-    const float inv = 1.f / std::sqrt(static_cast<float>(sum / H) + static_cast<float>(eps));
-    for (int64_t h = 0; h < H; ++h) {
-      float n = v[h] * inv;
-      if (x_bf16) n = static_cast<float>(c10::BFloat16(n));
-      const float wh = w_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(wp)[h])
-                              : static_cast<const float*>(wp)[h];
-      const float out = wh * n;
-      if (y_bf16) static_cast<c10::BFloat16*>(yp)[r * H + h] = c10::BFloat16(out);
-      else static_cast<float*>(yp)[r * H + h] = out;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(static_cast<size_t>(H));
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t h = 0; h < H; ++h)
+        v[h] = x_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(xp)[r * H + h])
+                      : static_cast<const float*>(xp)[r * H + h];
+      double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums: no chain of dependent fp64 adds
+      int64_t h = 0;
+      for (; h + 8 <= H; h += 8)
+        for (int i = 0; i < 8; ++i) part[i] += static_cast<double>(v[h + i]) * v[h + i];
+      for (; h < H; ++h) part[0] += static_cast<double>(v[h]) * v[h];
+      const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      const float inv = 1.f / std::sqrt(static_cast<float>(sum / H) + static_cast<float>(eps));
+      for (h = 0; h < H; ++h) {
+        float n = v[h] * inv;
+        if (x_bf16) n = static_cast<float>(c10::BFloat16(n));
+        const float wh = w_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(wp)[h])
+                                : static_cast<const float*>(wp)[h];
+        const float out = wh * n;
+        if (y_bf16) static_cast<c10::BFloat16*>(yp)[r * H + h] = c10::BFloat16(out);
+        else static_cast<float*>(yp)[r * H + h] = out;
+      }
     }
-  }
+  });
   return y;
 }
 
-// Rotary embedding for decoding, one op instead of about ten: x * cos + rotate_half(x) * sin with x [B, H, T, D],
-// cos/sin [B, T, D] in x's dtype (roundings as the torch ops: see rope.h).
+// Rotary embedding in one op instead of about ten: x * cos + rotate_half(x) * sin with x [B, H, T, D],
+// cos/sin [B, T, D] in x's dtype (roundings as the torch ops: see rope.h); head rows in parallel (prefill).
 template <typename T>
 void rope_rows(const T* x, const T* c, const T* s, T* y, int64_t B, int64_t H, int64_t L, int64_t D) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t t = 0; t < L; ++t)
-        idefics2_kernels::rope_vector(x + ((b * H + h) * L + t) * D, c + (b * L + t) * D, s + (b * L + t) * D,
-                                      y + ((b * H + h) * L + t) * D, D);
+  at::parallel_for(0, B * H * L, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * L), t = i % L;
+      idefics2_kernels::rope_vector(x + i * D, c + (b * L + t) * D, s + (b * L + t) * D, y + i * D, D);
+    }
+  });
 }
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
