@@ -55,12 +55,14 @@ def timed_generate(models: dict, inputs: dict, new_tokens: int, repeats: int, **
     """{name: (prefill s, decode s per step, output)}: prefill = start of generate() to its first new token
     (image encoding included), decode = the median time between later tokens. Timing the steps themselves keeps
     the decode figure free of prefill noise (a long bf16 prefill would otherwise swamp it); the models take
-    turns, round after round, so a slow spell of this machine hits both alike. Medians over the rounds."""
+    turns, round after round, the one going first alternating, so a slow spell of this machine hits both alike.
+    Medians over the rounds."""
     prefills = {name: [] for name in models}
     steps = {name: [] for name in models}
     outputs = {}
+    order = list(models.items())
     for i in range(repeats + 1):  # the first round warms up
-        for name, model in models.items():
+        for name, model in order if i % 2 else order[::-1]:  # who goes first alternates
             clock = StepClock()
             start = time.perf_counter()
             with torch.inference_mode():

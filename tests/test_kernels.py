@@ -363,6 +363,30 @@ def test_gelu_tanh_kernel_matches_torch_in_place(dtype, bias):
     assert K.gelu_tanh_(leaf * 1) is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_matches_torch_in_place(dtype):
+    """silu(gate) * up in one pass against torch's two ops, tails of rows included; bf16 rounds silu's output
+    before the product as the separate ops do."""
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(29, 1001, generator=g) * 5).to(dtype)
+    gate[0, :6] = torch.tensor([0.0, -0.0, 100, -100, 1e4, -1e4]).to(dtype)
+    up = torch.randn(29, 1001, generator=g).to(dtype)
+    expected = F.silu(gate) * up
+    y = gate.clone()
+    out = K.silu_mul_(y, up)
+    assert out is not None and out.data_ptr() == y.data_ptr()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, expected, rtol=5e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(y, expected, rtol=8e-3, atol=1e-5)
+        visible = expected.float().abs() > 1e-4
+        assert ((y != expected) & visible).sum() < 0.005 * visible.sum()
+    assert K.silu_mul_(gate.clone(), up[:, :5]) is None  # shapes differ
+    assert K.silu_mul_(torch.randn(4, 8).t(), torch.randn(8, 4)) is None  # not contiguous
+    assert K.silu_mul_(torch.randn(4, 8) * 1, torch.randn(4, 8, requires_grad=True)) is None
+
+
 def _reference_decode_attention(q, k, v, cos, sin, key_cache, value_cache, positions, key_valid, kv_len, scale):
     """The torch ops the fused decode attention replaces (RoPE, cache write, sdpa with a boolean mask)."""
     from idefics2.text import rotate_half

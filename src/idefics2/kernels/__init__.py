@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = ["FP32_MIN_ROWS", "MAX_ROWS", "composite_on_white", "cpu_memory_pool", "cpu_memory_pool_stats",
            "dropout_linear", "dropout_linear_applies", "dropout_linear_grad_input", "dropout_linear_grad_weight", "gelu_tanh_",
            "int4_matmul", "int4_matmuls", "int8_matmul", "int8_matmuls", "kernel_available", "kernel_status",
-           "lut_to_chw", "seeded_dropout", "small_batch_linear", "small_batch_linears"]
+           "lut_to_chw", "seeded_dropout", "silu_mul_", "small_batch_linear", "small_batch_linears"]
 
 MAX_ROWS = 16  # the kernel keeps one accumulator set per row of x; beyond this GEMM libraries win
 # fp32 x fp32 at 1-2 rows: MKL's gemv already streams at bandwidth (measured equal or slightly ahead of
@@ -329,6 +329,17 @@ def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tenso
     if not _gelu_tanh_supported():
         return None
     return _ops().gelu_tanh_(x, bias)
+
+
+def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """gate = silu(gate) * up in place, one pass (inference, contiguous fp32/bf16 CPU tensors of one shape,
+    AVX-512 machines), or None (gate untouched): the caller uses torch's ops. Torch's silu formula with the
+    kernels' own exp: within a few ulp of torch's ops."""
+    if (gate.device.type != "cpu" or up.device.type != "cpu" or gate.dtype not in (torch.float32, torch.bfloat16)
+            or up.dtype != gate.dtype or gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous()
+            or _needs_grad(gate, up) or not _gelu_tanh_supported()):
+        return None
+    return _ops().silu_mul_(gate, up)
 
 
 def decode_attention_applies(q: torch.Tensor, key_cache: torch.Tensor) -> bool:

@@ -1,8 +1,8 @@
 // One Mistral decoder layer for a decoding step (one new token per row), as one op:
 //   h = rms_norm(x); q, k, v = h W_qkv; a = decode_attention(q, k, v); x = x + a W_o;
 //   h = rms_norm(x); g, u = h W_gate_up; x = x + (silu(g) * u) W_down
-// It runs exactly the ops the Python layer runs (the same kernels through the dispatcher, and ATen's add, silu
-// and mul), so results are bit-identical; what it removes is the Python between them: about 250 us per layer
+// It runs exactly the ops the Python layer runs (the same kernels through the dispatcher, ATen's add, and
+// silu * mul as GatedMLP does it), so results are bit-identical; what it removes is the Python between them: about 250 us per layer
 // per step, milliseconds per token over a decoder, a large share of a quantized model's step.
 //
 // Weights come as lists by kind: 0 float ([W] per projection), 1 int8 ([qweights..., fp32 scales...]),
@@ -23,6 +23,20 @@ c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double
                        .findSchemaOrThrow("idefics2_kernels::rms_norm", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
   return op;
+}
+
+// silu(gate) * up as layers.GatedMLP computes it at inference: the one-pass kernel (activation.cpp) where it is
+// built (AVX-512, as every kernel here), torch's silu and mul elsewhere
+at::Tensor silu_times(const at::Tensor& gate, const at::Tensor& up) {
+#if defined(__AVX512F__)
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("idefics2_kernels::silu_mul_", "")
+                       .typed<at::Tensor(at::Tensor, const at::Tensor&)>();
+  if (gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+      gate.scalar_type() == up.scalar_type())
+    return op.call(gate, up);
+#endif
+  return at::silu(gate) * up;
 }
 
 std::vector<at::Tensor> float_linears(const at::Tensor& x, at::TensorList weights) {
@@ -88,7 +102,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Te
                                       positions, key_valid, kv_len, scale);
   const at::Tensor h = x2 + linears(a.reshape({B, -1}), kind, o, group)[0];
   const auto gu = linears(rms_norm_op().call(h, ln2, eps), kind, gate_up, group);
-  const at::Tensor out = h + linears(at::silu(gu[0]) * gu[1], kind, down, group)[0];
+  const at::Tensor out = h + linears(silu_times(gu[0], gu[1]), kind, down, group)[0];
   return out.reshape({B, 1, H});
 }
 
