@@ -137,3 +137,58 @@ def test_invalid_generation_arguments():
         GenerationConfig().updated(max_new_token=3)
     with pytest.raises(ValueError, match="num_return_sequences > 1 needs"):
         GenerationConfig().updated(num_return_sequences=2)
+
+
+def _tokenizer():
+    import os
+
+    from idefics2 import Idefics2Tokenizer
+
+    return Idefics2Tokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "fixtures", "idefics2-8b"))
+
+
+def _first_hit(text_of, row, stop):
+    """The number of new tokens after which the row's text first contains `stop` (None if it never does)."""
+    for n in range(1, len(row) + 1):
+        if stop in text_of(row[:n]):
+            return n
+    return None
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_stop_strings_end_each_row_where_its_text_first_contains_them(pair, mode):
+    """A stop string taken from an unstopped run's text: the stopped run is that run cut right after the token
+    that completes the string, rows of a batch stop on their own, finished rows get pad. The tiny models' ids
+    (< 120) are the Mistral vocabulary's byte tokens (ASCII text). transformers is no reference here: its
+    StopStringCriteria matches the vocabulary's token strings, and byte tokens read "<0x42>" there, so it runs on
+    past such strings (tested by hand: "B+" from tokens <0x42><0x2B> does not stop it)."""
+    config, _, ours = pair
+    tokenizer = _tokenizer()
+    inputs, _ = batch_inputs(config, seed=8)
+    prompt_len = inputs["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=14, eos_token_id=None, pad_token_id=0, **inputs)
+    if mode == "sample":
+        kwargs.update(do_sample=True, seed=3, top_k=0)
+    elif mode == "beam":
+        # length_penalty 0 ranks by summed log-probabilities: a hypothesis stopped early keeps its lead
+        kwargs.update(num_beams=3, num_return_sequences=3, length_penalty=0.0,
+                      **{name: value[:1] for name, value in inputs.items()})
+    free = ours.generate(**kwargs)[:, prompt_len:].tolist()
+    text_of = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    stop = text_of(free[0][4:6])  # completed by new token 6 of row 0 at the latest
+    stopped = ours.generate(**kwargs, stop_strings=stop, tokenizer=tokenizer)[:, prompt_len:].tolist()
+    if mode == "beam":  # hypotheses that end compete with the running ones: each that has the string ends there
+        hits = [_first_hit(text_of, cut, stop) for cut in stopped]
+        assert any(n is not None for n in hits), (stopped, stop)
+        assert all(n is None or all(t == 0 for t in cut[n:]) for n, cut in zip(hits, stopped))
+        assert stopped == ours.generate(**kwargs, stop_strings=stop, tokenizer=tokenizer)[:, prompt_len:].tolist()
+        return
+    for row, cut in zip(free, stopped):
+        n = _first_hit(text_of, row, stop)
+        if n is None:
+            assert cut == row
+        else:
+            assert cut[:n] == row[:n] and all(t == 0 for t in cut[n:]), (row, cut, stop)
+    assert _first_hit(text_of, stopped[0], stop) is not None
+    with pytest.raises(ValueError, match="tokenizer"):
+        ours.generate(**kwargs, stop_strings=stop)
