@@ -312,9 +312,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
 
 
 @functools.cache
-def _gelu_tanh_supported() -> bool:
+def _activation_kernels_supported() -> bool:
     op = _ops()
-    return op is not None and bool(op.gelu_tanh_supported())
+    return op is not None and bool(op.activation_kernels_supported())
 
 
 def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -326,7 +326,7 @@ def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tenso
         return None
     if bias is not None and (bias.device.type != "cpu" or bias.dtype != x.dtype or bias.shape != x.shape[-1:]):
         return None
-    if not _gelu_tanh_supported():
+    if not _activation_kernels_supported():
         return None
     return _ops().gelu_tanh_(x, bias)
 
@@ -337,7 +337,7 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     kernels' own exp: within a few ulp of torch's ops."""
     if (gate.device.type != "cpu" or up.device.type != "cpu" or gate.dtype not in (torch.float32, torch.bfloat16)
             or up.dtype != gate.dtype or gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous()
-            or _needs_grad(gate, up) or not _gelu_tanh_supported()):
+            or _needs_grad(gate, up) or not _activation_kernels_supported()):
         return None
     return _ops().silu_mul_(gate, up)
 

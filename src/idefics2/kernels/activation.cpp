@@ -9,7 +9,7 @@
 // exp by range reduction (2^n e^r, |r| <= ln2/2) and a degree-7 Taylor polynomial: within 2 ulp of expf, so
 // results agree with torch's to a few ulp (tested to 1e-6 relative); bf16 is computed in fp32 and rounded once,
 // as torch does. silu_mul_ uses the same exp for torch's silu formula, one pass instead of two (silu_, mul_).
-// AVX-512 only: elsewhere `gelu_tanh_supported()` is false and the callers keep torch's ops.
+// AVX-512 only: elsewhere `activation_kernels_supported()` is false and the callers keep torch's ops.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -27,7 +28,13 @@
 
 namespace {
 
-bool gelu_tanh_supported();
+bool activation_kernels_supported() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
 
 #if defined(__AVX512F__)
 
@@ -74,57 +81,52 @@ inline __m512 load16_masked(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// rows of `cols` values; bias (fp32, or null) added before the activation, each sum rounded to T as torch's
-// addmm would have rounded fc1's output
+// Round v to T (a no-op for fp32): where torch would have written an intermediate bf16 tensor.
 template <typename T>
-void gelu_rows(T* x, const float* bias, int64_t rows, int64_t cols) {
+inline __m512 as_stored(T* scratch, __m512 v, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  store16(scratch, v, m);
+  return load16_masked(scratch, m);
+}
+
+// f(offset, column, mask) for each vector of 16 values (the last of a row masked) of `rows` rows of `cols`,
+// rows in parallel
+template <typename F>
+void for_each_vector(int64_t rows, int64_t cols, const F& f) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* row = x + r * cols;
-      for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 m = cols - c >= 16 ? static_cast<__mmask16>(0xffff)
-                                           : static_cast<__mmask16>((1u << (cols - c)) - 1);
-        __m512 v = load16_masked(row + c, m);
-        if (bias != nullptr) {
-          v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c));
-          if constexpr (!std::is_same_v<T, float>) {  // the biased output as a bf16 tensor
-            store16(row + c, v, m);
-            v = load16_masked(row + c, m);
-          }
-        }
-        store16(row + c, gelu_tanh16(v), m);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cols; c += 16)
+        f(r * cols + c, c, cols - c >= 16 ? static_cast<__mmask16>(0xffff)
+                                          : static_cast<__mmask16>((1u << (cols - c)) - 1));
   });
 }
 
-// gate = silu(gate) * up over rows of `cols`: silu(g) = g / (1 + exp(-g)) (torch's formula), rounded to T
-// before the product as torch's separate silu and mul round
+// x = gelu_tanh(x + bias); bias (fp32, or null) added first, the sum rounded to T as torch's addmm would have
+// rounded fc1's output
+template <typename T>
+void gelu_rows(T* x, const float* bias, int64_t rows, int64_t cols) {
+  for_each_vector(rows, cols, [&](int64_t at, int64_t c, __mmask16 m) {
+    __m512 v = load16_masked(x + at, m);
+    if (bias != nullptr) v = as_stored(x + at, _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c)), m);
+    store16(x + at, gelu_tanh16(v), m);
+  });
+}
+
+// gate = silu(gate) * up: silu(g) = g / (1 + exp(-g)) (torch's formula), rounded to T before the product as
+// torch's separate silu and mul round
 template <typename T>
 void silu_mul_rows(T* gate, const T* up, int64_t rows, int64_t cols) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* g = gate + r * cols;
-      const T* u = up + r * cols;
-      for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 m = cols - c >= 16 ? static_cast<__mmask16>(0xffff)
-                                           : static_cast<__mmask16>((1u << (cols - c)) - 1);
-        const __m512 v = load16_masked(g + c, m);
-        __m512 act = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
-        if constexpr (!std::is_same_v<T, float>) {  // silu's output is a bf16 tensor
-          store16(g + c, act, m);
-          act = load16_masked(g + c, m);
-        }
-        store16(g + c, _mm512_mul_ps(act, load16_masked(u + c, m)), m);
-      }
-    }
+  for_each_vector(rows, cols, [&](int64_t at, int64_t, __mmask16 m) {
+    const __m512 v = load16_masked(gate + at, m);
+    const __m512 act = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    store16(gate + at, _mm512_mul_ps(as_stored(gate + at, act, m), load16_masked(up + at, m)), m);
   });
 }
 
 #endif  // __AVX512F__
 
 at::Tensor silu_mul_(at::Tensor gate, const at::Tensor& up) {
-  TORCH_CHECK(gelu_tanh_supported(), "silu_mul_: built without AVX-512");
+  TORCH_CHECK(activation_kernels_supported(), "silu_mul_: built without AVX-512");
   TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu() && gate.is_contiguous() && up.is_contiguous(),
               "silu_mul_: contiguous CPU tensors");
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
@@ -139,16 +141,8 @@ at::Tensor silu_mul_(at::Tensor gate, const at::Tensor& up) {
   return gate;
 }
 
-bool gelu_tanh_supported() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
-
 at::Tensor gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(gelu_tanh_supported(), "gelu_tanh_: built without AVX-512");
+  TORCH_CHECK(activation_kernels_supported(), "gelu_tanh_: built without AVX-512");
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, "gelu_tanh_: a contiguous CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gelu_tanh_: fp32 or bf16");
   const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
@@ -171,6 +165,6 @@ at::Tensor gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& bias) {
 
 TORCH_LIBRARY_FRAGMENT(idefics2_kernels, m) {
   m.def("gelu_tanh_(Tensor(a!) x, Tensor? bias) -> Tensor(a!)", &gelu_tanh_);
-  m.def("gelu_tanh_supported() -> bool", &gelu_tanh_supported);
+  m.def("activation_kernels_supported() -> bool", &activation_kernels_supported);
   m.def("silu_mul_(Tensor(a!) gate, Tensor up) -> Tensor(a!)", &silu_mul_);
 }
