@@ -24,3 +24,23 @@ def test_connector_matches_reference_with_masked_context():
     assert b.shape == (3, 4, 64)
     assert torch.isfinite(b).all()
     assert (a - b).abs().max() <= 1e-5
+
+
+def test_gated_mlp_inference_with_and_without_the_silu_kernel(monkeypatch):
+    """GatedMLP at inference: silu(gate) * up through the one-pass kernel where it applies, through torch's
+    in-place ops where it declines; both equal the autograd path's out-of-place ops."""
+    from idefics2 import kernels
+    from idefics2.layers import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(32, 80, 24, "silu").eval()
+    x = torch.randn(3, 37, 32)
+    reference = mlp(x).detach()  # autograd on: F.silu(gate) * up
+    with torch.no_grad():
+        fused = mlp(x)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(kernels, "silu_mul_", lambda gate, up: calls.append(1))  # declines: returns None
+    with torch.no_grad():
+        assert torch.equal(mlp(x), reference)  # torch's silu_ and mul_: the same bits as out of place
+    assert calls == [1]

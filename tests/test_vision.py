@@ -64,3 +64,19 @@ def test_inference_overwrites_activations_in_place_but_not_what_hooks_keep():
         torch.testing.assert_close(tower(pixels), out_of_place.detach(), rtol=1e-5, atol=1e-5)
     handle.remove()
     assert torch.equal(*kept[0])  # the hook's tensor was not overwritten by the activation
+
+
+def test_without_the_activation_kernels_inference_uses_torch_ops(monkeypatch):
+    """Where the elementwise kernels do not apply (AVX2 machines, other devices) the in-place inference path
+    runs torch's ops: the same features as the autograd path, within rounding of fc1's bias order."""
+    from idefics2 import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "gelu_tanh_", lambda x, bias=None: calls.append(1))  # declines: returns None
+    torch.manual_seed(0)
+    tower = Idefics2VisionTransformer(Idefics2VisionConfig.from_dict(tiny_config_dict()["vision_config"])).eval()
+    pixels = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        in_place = tower(pixels)
+    assert len(calls) == len(tower.encoder.layers)  # asked once per MLP, declined each time
+    torch.testing.assert_close(in_place, tower(pixels).detach(), rtol=1e-6, atol=1e-6)
