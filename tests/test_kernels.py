@@ -492,7 +492,7 @@ def test_bf16_prefill_linear_through_fp32_gemm(bias, monkeypatch):
 
 
 needs_prefill_kernel = pytest.mark.skipif(
-    not kernel_available() or not K._prefill_supported(), reason="the prefill kernel needs AVX-512")
+    not kernel_available() or not K._avx512_kernels(), reason="the prefill kernel needs AVX-512")
 
 
 def _exact_linear(x, w, b):

@@ -82,13 +82,12 @@ class Idefics2VisionMLP(nn.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
         self.act_inplace = activation(config.hidden_act, inplace=True)
-        self.tanh_gelu = config.hidden_act in ("gelu_pytorch_tanh", "gelu_new")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1 = self.fc1
         if not overwritable(fc1):
             return self.fc2(self.act(fc1(x)))
-        if self.tanh_gelu and type(fc1) is Linear and fc1.bias is not None and x.dtype == torch.float32:
+        if self.act_inplace is gelu_tanh_ and type(fc1) is Linear and fc1.bias is not None and x.dtype == torch.float32:
             # fp32: fc1's bias added by the GELU kernel's pass (mm then + bias rounds as addmm does), which
             # saves addmm's copy of the bias into the output
             return self.fc2(gelu_tanh_(small_batch_linear(x, fc1.weight), fc1.bias))

@@ -118,9 +118,11 @@ def _ops():
 
 
 @functools.cache
-def _prefill_supported() -> bool:
+def _avx512_kernels() -> bool:
+    """Whether the build has the AVX-512 kernels (prefill_gemm, gelu_tanh_, silu_mul_; the others have fallbacks
+    inside for AVX2 / scalar builds)."""
     op = _ops()
-    return op is not None and bool(op.prefill_gemm_supported())
+    return op is not None and op.isa() == "avx512"
 
 
 def kernel_available() -> bool:
@@ -161,7 +163,7 @@ def _kernel_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # with AMX, oneDNN's bf16 GEMM is the fast path; fp32 x with bf16 weight would otherwise widen all of it
     if x.dtype == torch.bfloat16 and not _bf16_gemm_is_slow():
         return None
-    return "prefill" if _prefill_supported() else None
+    return "prefill" if _avx512_kernels() else None
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -311,12 +313,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     return None if op is None else op.rope(x, cos, sin)
 
 
-@functools.cache
-def _activation_kernels_supported() -> bool:
-    op = _ops()
-    return op is not None and bool(op.activation_kernels_supported())
-
-
 def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x = gelu(x + bias, approximate="tanh") in place (inference, contiguous fp32/bf16 CPU tensors, AVX-512
     machines), 4-5x faster than torch's tanh GELU and without a separate bias pass; None where it does not apply
@@ -326,7 +322,7 @@ def gelu_tanh_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tenso
         return None
     if bias is not None and (bias.device.type != "cpu" or bias.dtype != x.dtype or bias.shape != x.shape[-1:]):
         return None
-    if not _activation_kernels_supported():
+    if not _avx512_kernels():
         return None
     return _ops().gelu_tanh_(x, bias)
 
@@ -337,7 +333,7 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     kernels' own exp: within a few ulp of torch's ops."""
     if (gate.device.type != "cpu" or up.device.type != "cpu" or gate.dtype not in (torch.float32, torch.bfloat16)
             or up.dtype != gate.dtype or gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous()
-            or _needs_grad(gate, up) or not _activation_kernels_supported()):
+            or _needs_grad(gate, up) or not _avx512_kernels()):
         return None
     return _ops().silu_mul_(gate, up)
 

@@ -9,7 +9,7 @@
 // exp by range reduction (2^n e^r, |r| <= ln2/2) and a degree-7 Taylor polynomial: within 2 ulp of expf, so
 // results agree with torch's to a few ulp (tested to 1e-6 relative); bf16 is computed in fp32 and rounded once,
 // as torch does. silu_mul_ uses the same exp for torch's silu formula, one pass instead of two (silu_, mul_).
-// AVX-512 only: elsewhere `activation_kernels_supported()` is false and the callers keep torch's ops.
+// AVX-512 only: elsewhere the ops refuse (isa() says so) and the callers keep torch's ops.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -27,14 +27,6 @@
 #endif
 
 namespace {
-
-bool activation_kernels_supported() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 #if defined(__AVX512F__)
 
@@ -126,7 +118,7 @@ void silu_mul_rows(T* gate, const T* up, int64_t rows, int64_t cols) {
 #endif  // __AVX512F__
 
 at::Tensor silu_mul_(at::Tensor gate, const at::Tensor& up) {
-  TORCH_CHECK(activation_kernels_supported(), "silu_mul_: built without AVX-512");
+  TORCH_CHECK(idefics2_kernels::kHaveAvx512, "silu_mul_: built without AVX-512");
   TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu() && gate.is_contiguous() && up.is_contiguous(),
               "silu_mul_: contiguous CPU tensors");
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
@@ -142,7 +134,7 @@ at::Tensor silu_mul_(at::Tensor gate, const at::Tensor& up) {
 }
 
 at::Tensor gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(activation_kernels_supported(), "gelu_tanh_: built without AVX-512");
+  TORCH_CHECK(idefics2_kernels::kHaveAvx512, "gelu_tanh_: built without AVX-512");
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, "gelu_tanh_: a contiguous CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gelu_tanh_: fp32 or bf16");
   const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
@@ -165,6 +157,5 @@ at::Tensor gelu_tanh_(at::Tensor x, const std::optional<at::Tensor>& bias) {
 
 TORCH_LIBRARY_FRAGMENT(idefics2_kernels, m) {
   m.def("gelu_tanh_(Tensor(a!) x, Tensor? bias) -> Tensor(a!)", &gelu_tanh_);
-  m.def("activation_kernels_supported() -> bool", &activation_kernels_supported);
   m.def("silu_mul_(Tensor(a!) gate, Tensor up) -> Tensor(a!)", &silu_mul_);
 }

@@ -10,6 +10,15 @@
 
 #include <cstdio>
 
+namespace idefics2_kernels {
+// Whether this build has the AVX-512 code paths: the ops that need them refuse otherwise, and Python asks isa().
+#if defined(__AVX512F__)
+inline constexpr bool kHaveAvx512 = true;
+#else
+inline constexpr bool kHaveAvx512 = false;
+#endif
+}  // namespace idefics2_kernels
+
 #define IDEFICS2_CHECK(cond, ...)                                           \
   do {                                                                      \
     if (C10_UNLIKELY(!(cond))) {                                            \

@@ -13,7 +13,7 @@
 // Measured on the 2-core AVX-512 machine: 1.26-1.28x the widen-and-MKL path at 64-107 rows, 0.84x at 256 (x no
 // longer stays in L2 beside the prefetched weights), so callers stop at 128 rows. fp32 weights work too, but
 // MKL's packed-panel sgemm is as fast or faster on them (195-214 vs 216 GFLOP/s at 107 rows): fp32 stays there.
-// AVX-512 only: elsewhere `prefill_gemm_supported()` is false and callers keep their path.
+// AVX-512 only: elsewhere the op refuses (isa() says so) and callers keep their path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "bf16.h"
+#include "check.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -182,16 +183,8 @@ void gemm(const float* x, int64_t M, int64_t K, const WT* w, const float* bias, 
 
 #endif  // __AVX512F__
 
-bool prefill_gemm_supported() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
-
 at::Tensor prefill_gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(prefill_gemm_supported(), "prefill_gemm: built without AVX-512");
+  TORCH_CHECK(idefics2_kernels::kHaveAvx512, "prefill_gemm: built without AVX-512");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "prefill_gemm: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.is_contiguous(),
               "prefill_gemm: x [M, K] and a contiguous weight [N, K]");
@@ -228,5 +221,4 @@ at::Tensor prefill_gemm(const at::Tensor& x, const at::Tensor& weight, const std
 
 TORCH_LIBRARY_FRAGMENT(idefics2_kernels, m) {
   m.def("prefill_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &prefill_gemm);
-  m.def("prefill_gemm_supported() -> bool", &prefill_gemm_supported);
 }
